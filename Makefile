@@ -1,0 +1,38 @@
+# The two commands a fresh machine needs: `make reproduce` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: reproduce test unit nbval smoke bench lint data clean-cache
+
+# torch is installed first and pinned, so pip takes the CPU wheel instead of a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+reproduce: $(STAMP)  ## execute every notebook in place at the default profile
+	$(PY) -m influence.lab.runner --profile default
+
+test: unit nbval  ## unit tests, then nbval re-executing every committed notebook
+
+unit: $(STAMP)
+	$(PY) -m pytest tests -q
+
+nbval: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout=3000 notebooks
+
+smoke: $(STAMP)  ## every notebook at the smoke profile, into a temporary folder
+	$(PY) -m influence.lab.runner --profile smoke --out $$(mktemp -d)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+data: $(STAMP)  ## regenerate data/ (a test checks it is byte-identical to what is committed)
+	$(PY) -m influence.lab.tasks
+
+clean-cache:  ## forget trained models and fitted factors
+	rm -rf .cache

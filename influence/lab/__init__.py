@@ -1,0 +1,1 @@
+"""Experiment support (not kernels): tasks, tokenizer, model zoo, metrics, plots, runner."""
