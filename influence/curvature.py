@@ -1,0 +1,345 @@
+"""K-FAC and EK-FAC approximations of the Fisher, and their damped inverses.
+
+Curvature. For each tracked layer, with G_n = sum_t g_{n,t} a_{n,t}^T the gradient of
+sequence n's loss (d_out, d_in'), the Fisher is the per-sequence average
+
+    F = (1/N) sum_n vec(G_n) vec(G_n)^T,
+
+with the data's labels (empirical Fisher) or labels sampled from the model (true Fisher).
+Scores built on it are *not* multiplied by N.
+
+Factors. A = (1/M) sum a a^T and S = (1/M) sum g g^T average over the M non-padding tokens
+of the N sequences. If tokens were independent, with a independent of g, then
+F = (M/N) A (x) S: this is K-FAC, whose eigenvalues in the basis Q_A (x) Q_S of the
+eigenvectors of A and S are (M/N) eig_S[o] eig_A[i]. EK-FAC keeps that basis and replaces
+the eigenvalues by the diagonal of F in it (George et al. 2018), the best diagonal fit:
+
+    Lambda[o, i] = (1/N) sum_n (Q_S^T G_n Q_A)[o, i]^2,
+
+so both approximate the same F: F ~ (Q_A (x) Q_S) diag(Lambda) (Q_A (x) Q_S)^T.
+
+Damped inverse. (F + lambda I)^-1 v = Q_S [(Q_S^T V Q_A) / (Lambda + lambda)] Q_A^T for each
+layer's V (d_out, d_in'). ``damping`` is absolute, or with ``relative=True`` a factor of the
+layer's mean eigenvalue: lambda = damping * mean(Lambda) (the default, 0.1, is the usual
+heuristic). Eigendecompositions and reciprocals are in float64.
+
+Fitting runs in stages, each saved under ``path`` when one is given (covariance -> eigens ->
+correction), with optional checkpoints every ``save_every`` batches; a rerun resumes from what
+is saved, after checking that the model, the data and the configuration are the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from influence.gradients import Captured, iter_captures
+from influence.io import data_fingerprint, load_tensors, model_fingerprint, save_tensors
+from influence.modules import LayerGrads, find_layers, layer_shape
+
+# captures(start, desc) yields the Captured of batches start, start + 1, ...
+CaptureSource = Callable[[int, str], Iterable[Captured]]
+
+
+@dataclasses.dataclass
+class KFAC:
+    """F ~ (Q_A (x) Q_S) diag(Lambda) (Q_A (x) Q_S)^T per layer, with Lambda = (M/N) eig_S eig_A^T.
+
+    eigvecs_a: {name: (d_in', d_in')}, eigvecs_s: {name: (d_out, d_out)},
+    eigenvalues: {name: (d_out, d_in')} (Lambda), all float64; meta: fit metadata.
+    """
+
+    eigvecs_a: dict[str, torch.Tensor]
+    eigvecs_s: dict[str, torch.Tensor]
+    eigenvalues: dict[str, torch.Tensor]
+    damping: float = 0.1
+    relative: bool = True  # damping = factor x the layer's mean eigenvalue
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    STAGES: ClassVar[tuple[str, ...]] = ("eigens",)  # files load() reads
+
+    def damping_of(self, name: str) -> float:
+        """The absolute damping lambda of layer ``name``."""
+        if self.relative:
+            return self.damping * float(self.eigenvalues[name].mean())
+        return self.damping
+
+    def with_damping(self, damping: float, relative: bool = True) -> KFAC:
+        """The same factors with another damping (tensors are shared, not copied)."""
+        return dataclasses.replace(self, damping=damping, relative=relative)
+
+    def ihvp(self, v: LayerGrads) -> LayerGrads:
+        """(F + lambda I)^-1 v per layer: {name: (Q, d_out, d_in')} -> same shapes and dtypes."""
+        out = {}
+        for name, mat in v.items():
+            if name not in self.eigenvalues:
+                raise KeyError(
+                    f"layer {name!r} has no fitted factors; fitted: {list(self.eigenvalues)}"
+                )
+            qa, qs = self.eigvecs_a[name], self.eigvecs_s[name]
+            rotated = qs.T @ mat.to(qa) @ qa  # (Q, d_out, d_in') in the eigenbasis
+            damped = self.eigenvalues[name] + self.damping_of(name)  # (d_out, d_in')
+            if not bool((damped > 0).all()):
+                raise ValueError(
+                    f"layer {name!r}: a damped eigenvalue is <= 0 (damping {self.damping}, "
+                    f"relative={self.relative}); use a positive damping"
+                )
+            rotated = rotated / damped
+            out[name] = (qs @ rotated @ qa.T).to(mat.dtype)
+        return out
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The approximate Fisher block (P, P) of a layer, P = d_out d_in', in the row-major
+        order of ``modules.flatten`` (for tests and small-model comparisons)."""
+        basis = torch.kron(self.eigvecs_s[name], self.eigvecs_a[name])
+        return basis @ torch.diag(self.eigenvalues[name].reshape(-1)) @ basis.T
+
+    def to(self, device: torch.device | str) -> KFAC:
+        def move(tensors: dict) -> dict:
+            return {k: t.to(device) for k, t in tensors.items()}
+
+        return dataclasses.replace(
+            self,
+            eigvecs_a=move(self.eigvecs_a),
+            eigvecs_s=move(self.eigvecs_s),
+            eigenvalues=move(self.eigenvalues),
+        )
+
+    @classmethod
+    def from_stages(cls, eigens: dict, correction: dict | None, **kwargs) -> KFAC:
+        names = [k[len("QA/") :] for k in eigens if k.startswith("QA/")]
+        scale = int(eigens["tokens"]) / int(eigens["examples"])  # M / N
+        eigenvalues = {
+            n: scale * torch.outer(eigens[f"eS/{n}"].clamp(min=0), eigens[f"eA/{n}"].clamp(min=0))
+            for n in names
+        }
+        counts = {"examples": int(eigens["examples"]), "tokens": int(eigens["tokens"])}
+        kwargs["meta"] = {**kwargs.get("meta", {}), **counts}
+        return cls(
+            eigvecs_a={n: eigens[f"QA/{n}"] for n in names},
+            eigvecs_s={n: eigens[f"QS/{n}"] for n in names},
+            eigenvalues=eigenvalues,
+            **kwargs,
+        )
+
+    @classmethod
+    def load(cls, path, model=None, layers=None, damping=0.1, relative=True, **expected):
+        """Factors saved in folder ``path``; with ``model`` (and ``layers``), check that they
+        were fitted on this model; ``expected`` checks other metadata (e.g. fisher="true")."""
+        path = Path(path)
+        if model is not None:
+            layers = layers if layers is not None else find_layers(model)
+            expected["fingerprint"] = model_fingerprint(model, layers)
+        stages = {}
+        for stage in cls.STAGES:
+            if not (path / f"{stage}.safetensors").exists():
+                raise FileNotFoundError(
+                    f"no {stage}.safetensors in {path}: fit {cls.__name__} there first"
+                )
+            stages[stage], meta = load_tensors(path / f"{stage}.safetensors", expected)
+        meta.pop("stage", None)
+        return cls.from_stages(
+            stages["eigens"],
+            stages.get("correction"),
+            damping=damping,
+            relative=relative,
+            meta=meta,
+        )
+
+
+class EKFAC(KFAC):
+    """K-FAC's eigenbasis with corrected eigenvalues Lambda = (1/N) sum_n (Q_S^T G_n Q_A)^2."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("eigens", "correction")
+
+    @classmethod
+    def from_stages(cls, eigens: dict, correction: dict | None, **kwargs) -> EKFAC:
+        base = KFAC.from_stages(eigens, None, **kwargs)
+        n = float(correction["examples"])
+        eigenvalues = {name: correction[f"L/{name}"] / n for name in base.eigenvalues}
+        return cls(
+            base.eigvecs_a, base.eigvecs_s, eigenvalues, base.damping, base.relative, base.meta
+        )
+
+
+# ---- fitting ---------------------------------------------------------------------------
+
+
+def _covariance_update(state: dict, cap: Captured) -> None:
+    mask = cap.mask
+    for name in cap.a:
+        a = cap.a[name][mask].double()  # (M_b, d_in'), non-padding tokens only
+        g = cap.g[name][mask].double()  # (M_b, d_out)
+        state[f"A/{name}"] += a.T @ a
+        state[f"S/{name}"] += g.T @ g
+    state["tokens"] += mask.sum()
+    state["examples"] += mask.shape[0]
+
+
+def _correction_update(eigens: dict) -> Callable[[dict, Captured], None]:
+    def update(state: dict, cap: Captured) -> None:
+        keep = cap.mask[..., None].double()  # (B, T, 1)
+        for name in cap.a:
+            a = (cap.a[name].double() * keep) @ eigens[f"QA/{name}"]  # (B, T, d_in') Q_A^T a_t
+            g = cap.g[name].double() @ eigens[f"QS/{name}"]  # (B, T, d_out) Q_S^T g_t
+            rotated = torch.einsum("bto,bti->boi", g, a)  # Q_S^T G_n Q_A
+            state[f"L/{name}"] += rotated.square().sum(0)
+        state["examples"] += cap.mask.shape[0]
+
+    return update
+
+
+def _eigens(cov: dict, shapes: dict[str, tuple[int, int]]) -> dict:
+    out = {"tokens": cov["tokens"], "examples": cov["examples"]}
+    if int(cov["tokens"]) == 0:
+        raise ValueError("the data has no non-padding token: nothing to fit")
+    for name in shapes:
+        for key in ("A", "S"):
+            mat = cov[f"{key}/{name}"] / cov["tokens"]
+            evals, evecs = torch.linalg.eigh(mat)  # float64
+            out[f"e{key}/{name}"], out[f"Q{key}/{name}"] = evals, evecs
+    return out
+
+
+def _stage(name, path, meta, init, update, captures, save_every, device) -> dict:
+    """One pass over the data, resumed from / saved to ``path`` (a folder) when given."""
+    meta = {**meta, "stage": name}
+    final = path / f"{name}.safetensors" if path else None
+    partial = path / f"{name}.partial.safetensors" if path else None
+    if final is not None and final.exists():
+        return {k: t.to(device) for k, t in load_tensors(final, meta)[0].items()}
+    state, start = init(), 0
+    if partial is not None and partial.exists():
+        state, saved = load_tensors(partial, meta)
+        state, start = {k: t.to(device) for k, t in state.items()}, saved["batches_done"]
+    done = start
+    for cap in captures(start, name) if captures is not None else ():
+        update(state, cap)
+        done += 1
+        if save_every and partial is not None and done % save_every == 0:
+            save_tensors(partial, state, {**meta, "batches_done": done})
+    if final is not None:
+        save_tensors(final, state, meta)
+        partial.unlink(missing_ok=True)
+    return state
+
+
+def fit_from_captures(
+    captures: CaptureSource,
+    shapes: dict[str, tuple[int, int]],
+    kind: str = "ekfac",
+    meta: dict | None = None,
+    path: str | Path | None = None,
+    save_every: int | None = None,
+    damping: float = 0.1,
+    relative: bool = True,
+    device: torch.device | str = "cpu",
+) -> KFAC:
+    """Fit K-FAC or EK-FAC from any source of (a, g, mask) batches (see ``fit_ekfac``).
+
+    captures(start, desc) must yield the same batches, in the same order, at every call.
+    """
+    if kind not in ("kfac", "ekfac"):
+        raise ValueError(f"kind must be 'kfac' or 'ekfac', got {kind!r}")
+    meta = {**(meta or {}), "layers": {n: list(s) for n, s in shapes.items()}}
+    path = Path(path) if path is not None else None
+
+    def zeros(keys_shapes):
+        def init():
+            state = {k: torch.zeros(s, dtype=torch.float64, device=device) for k, s in keys_shapes}
+            for key in ("tokens", "examples"):
+                state[key] = torch.zeros((), dtype=torch.long, device=device)
+            return state
+
+        return init
+
+    cov_init = zeros(
+        [(f"A/{n}", (d_in, d_in)) for n, (_, d_in) in shapes.items()]
+        + [(f"S/{n}", (d_out, d_out)) for n, (d_out, _) in shapes.items()]
+    )
+
+    def covariance_then_eigh() -> dict:
+        cov = _stage(
+            "covariance", path, meta, cov_init, _covariance_update, captures, save_every, device
+        )
+        return _eigens(cov, shapes)
+
+    # The eigens stage reads no data: it is computed (or loaded) from the covariance stage.
+    eigens = _stage("eigens", path, meta, covariance_then_eigh, None, None, None, device)
+    common = {"damping": damping, "relative": relative, "meta": meta}
+    if kind == "kfac":
+        return KFAC.from_stages(eigens, None, **common)
+    cor_init = zeros([(f"L/{n}", s) for n, s in shapes.items()])
+    correction = _stage(
+        "correction", path, meta, cor_init, _correction_update(eigens), captures, save_every, device
+    )
+    return EKFAC.from_stages(eigens, correction, **common)
+
+
+def _fit(kind, model, batches, layers, fisher, seed, path, save_every, progress, damping, relative):
+    layers = layers if layers is not None else find_layers(model)
+    meta = {
+        "fingerprint": model_fingerprint(model, layers),
+        "data": data_fingerprint(batches),
+        "fisher": fisher,
+        "seed": seed,
+    }
+
+    def captures(start: int, desc: str) -> Iterable[Captured]:
+        return iter_captures(model, layers, batches, fisher, seed, progress, desc, start)
+
+    shapes = {name: layer_shape(m) for name, m in layers.items()}
+    device = next(model.parameters()).device
+    return fit_from_captures(
+        captures, shapes, kind, meta, path, save_every, damping, relative, device
+    )
+
+
+def fit_ekfac(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    layers: dict[str, nn.Module] | None = None,
+    *,
+    fisher: str = "empirical",
+    seed: int = 0,
+    path: str | Path | None = None,
+    save_every: int | None = None,
+    progress: bool = True,
+    damping: float = 0.1,
+    relative: bool = True,
+) -> EKFAC:
+    """EK-FAC of the per-sequence Fisher over ``batches`` (two passes over the data).
+
+    batches: a re-iterable of batch dicts (a list, a DataLoader). layers: default
+    ``find_layers(model)``. fisher: "empirical" (data labels) or "true" (labels sampled from
+    the model, seeded by ``seed``). path: a folder where stages are saved and resumed from;
+    save_every: also checkpoint every so many batches within a pass. ``batches`` must give
+    the same batches in the same order at every pass (no reshuffling between passes).
+    """
+    return _fit(
+        "ekfac", model, batches, layers, fisher, seed, path, save_every, progress, damping, relative
+    )
+
+
+def fit_kfac(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    layers: dict[str, nn.Module] | None = None,
+    *,
+    fisher: str = "empirical",
+    seed: int = 0,
+    path: str | Path | None = None,
+    save_every: int | None = None,
+    progress: bool = True,
+    damping: float = 0.1,
+    relative: bool = True,
+) -> KFAC:
+    """K-FAC, F ~ (M/N) A (x) S (one pass over the data); arguments as in ``fit_ekfac``."""
+    return _fit(
+        "kfac", model, batches, layers, fisher, seed, path, save_every, progress, damping, relative
+    )
