@@ -1,0 +1,116 @@
+"""Similarity baselines that need no Hessian: representation similarity and gradient cosine.
+
+Both return a (Q, N) score matrix, queries by training examples, larger = more similar,
+in [-1, 1] (a zero vector has cosine 0 with everything).
+
+- RepSim (paper B): cos(h_q, h_z) of one layer's hidden state at one position, by default
+  the last layer (``hidden_states[-1]``, after the final norm in GPT-2 and Llama) at each
+  sequence's last non-padding token. Paper B feeds the prompt only (without the response);
+  which tokens to feed is the caller's choice of batch.
+- Gradient cosine: cos(g_q, g_z) of the flattened per-example gradients of the tracked
+  layers (``influence.gradients.per_example_grads``), i.e. normalised gradient dot products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from influence.gradients import collect_grads, to_device
+from influence.modules import LayerGrads, flatten
+
+Batch = dict[str, torch.Tensor]
+
+
+def cosine_scores(queries: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """(Q, D), (N, D) -> (Q, N) cosine similarities, computed in float64."""
+    if queries.shape[-1] != train.shape[-1]:
+        raise ValueError(
+            f"queries have {queries.shape[-1]} features, training examples {train.shape[-1]}"
+        )
+    q, t = queries.double(), train.double()
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
+    t = t / t.norm(dim=1, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
+    return (q @ t.T).clamp(-1.0, 1.0)  # rounding may leave |cos| a hair above 1
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) position of each row's last non-padding token (right or left padding)."""
+    if (attention_mask.sum(1) == 0).any():
+        raise ValueError("a sequence has no non-padding token (attention_mask row of zeros)")
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.bool()).argmax(1)  # last index where mask is 1
+
+
+@torch.no_grad()
+def hidden_states(
+    model: nn.Module,
+    batches: Batch | Iterable[Batch],
+    layer: int = -1,
+    position: str = "last",
+) -> torch.Tensor:
+    """Hidden state of ``layer`` (an index into ``hidden_states``: 0 = embeddings, -1 = last
+    layer) for every sequence: (N, d_model). ``position``: "last" (the last non-padding
+    token) or "mean" (the mean over non-padding tokens)."""
+    if position not in ("last", "mean"):
+        raise ValueError(f"position must be 'last' or 'mean', got {position!r}")
+    device = next(model.parameters()).device
+    out = []
+    for batch in [batches] if isinstance(batches, dict) else batches:
+        batch = to_device(batch, device)
+        mask = batch["attention_mask"]
+        states = model(
+            input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True
+        ).hidden_states
+        if not -len(states) <= layer < len(states):
+            raise ValueError(f"layer {layer} out of range: the model has {len(states)} states")
+        h = states[layer]  # (B, T, d)
+        if position == "last":
+            out.append(h[torch.arange(h.shape[0], device=device), last_token_index(mask)])
+        else:
+            w = mask[..., None].to(h)
+            out.append((h * w).sum(1) / w.sum(1))
+    return torch.cat(out)
+
+
+def repsim_scores(
+    model: nn.Module,
+    query_batches: Batch | Iterable[Batch],
+    train_batches: Batch | Iterable[Batch],
+    layer: int = -1,
+    position: str = "last",
+) -> torch.Tensor:
+    """RepSim: (Q, N) cosine similarities of the hidden states (see ``hidden_states``)."""
+    queries = hidden_states(model, query_batches, layer, position)
+    train = hidden_states(model, train_batches, layer, position)
+    return cosine_scores(queries, train)
+
+
+def gradient_cosine_from_grads(query_grads: LayerGrads, train_grads: LayerGrads) -> torch.Tensor:
+    """(Q, N) cosine of flattened per-example gradients {layer: (Q or N, d_out, d_in')}."""
+    if set(query_grads) != set(train_grads):
+        raise ValueError(
+            f"query layers {sorted(query_grads)} differ from training layers {sorted(train_grads)}"
+        )
+    names = list(train_grads)
+    return cosine_scores(
+        flatten({n: query_grads[n] for n in names}), flatten({n: train_grads[n] for n in names})
+    )
+
+
+def gradient_cosine_scores(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    query_batches: Batch | Iterable[Batch],
+    train_batches: Batch | Iterable[Batch],
+    progress: bool = False,
+) -> torch.Tensor:
+    """Gradient cosine: (Q, N) cosines of the tracked layers' per-example gradients."""
+
+    def grads(batches):
+        batches = [batches] if isinstance(batches, dict) else batches
+        return collect_grads(model, layers, batches, progress=progress)
+
+    return gradient_cosine_from_grads(grads(query_batches), grads(train_batches))
