@@ -305,7 +305,7 @@ def fit_ekfac(
     batches: Sequence[dict[str, torch.Tensor]],
     layers: dict[str, nn.Module] | None = None,
     *,
-    fisher: str = "empirical",
+    fisher: str = "true",
     seed: int = 0,
     path: str | Path | None = None,
     save_every: int | None = None,
@@ -316,8 +316,8 @@ def fit_ekfac(
     """EK-FAC of the per-sequence Fisher over ``batches`` (two passes over the data).
 
     batches: a re-iterable of batch dicts (a list, a DataLoader). layers: default
-    ``find_layers(model)``. fisher: "empirical" (data labels) or "true" (labels sampled from
-    the model, seeded by ``seed``). path: a folder where stages are saved and resumed from;
+    ``find_layers(model)``. fisher: "true" (default; labels sampled from the model, seeded by
+    ``seed``: an unbiased estimate of the GGN) or "empirical" (the data's labels). path: a folder where stages are saved and resumed from;
     save_every: also checkpoint every so many batches within a pass. ``batches`` must give
     the same batches in the same order at every pass (no reshuffling between passes).
     """
@@ -331,7 +331,7 @@ def fit_kfac(
     batches: Sequence[dict[str, torch.Tensor]],
     layers: dict[str, nn.Module] | None = None,
     *,
-    fisher: str = "empirical",
+    fisher: str = "true",
     seed: int = 0,
     path: str | Path | None = None,
     save_every: int | None = None,

@@ -85,7 +85,14 @@ def capture(
         labels = batch["labels"]
         if fisher == "true":
             labels = sample_labels(logits, labels, generator)
-        cap.backward(sequence_losses(logits, labels).sum())
+        losses = sequence_losses(logits, labels)
+        cap.backward(losses.sum())
+    bad = [n for n in layers if not (cap.a[n].isfinite().all() and cap.g[n].isfinite().all())]
+    if bad:
+        raise ValueError(
+            f"non-finite activations or gradients in layers {bad} (sequence losses "
+            f"{losses.detach().tolist()}): check the model's weights and the batch's labels"
+        )
     return Captured(cap.a, cap.g, batch["attention_mask"].bool())
 
 

@@ -40,8 +40,18 @@ def test_ekfac_and_kfac_equal_their_dense_formulas(tiny_model):
     # EK-FAC: Lambda = diag(Q^T F Q) with F the dense empirical Fisher; K-FAC: F ~ (M/N) S (x) A.
     layers = find_layers(tiny_model)
     batch = data()
-    ekfac = fit_ekfac(tiny_model, split_batch(batch, 4), layers, progress=False, damping=1e-3)
-    kfac = fit_kfac(tiny_model, [batch], layers, progress=False, damping=1e-3, relative=False)
+    ekfac = fit_ekfac(
+        tiny_model, split_batch(batch, 4), layers, fisher="empirical", progress=False, damping=1e-3
+    )
+    kfac = fit_kfac(
+        tiny_model,
+        [batch],
+        layers,
+        fisher="empirical",
+        progress=False,
+        damping=1e-3,
+        relative=False,
+    )
     grads = per_example_grads(tiny_model, layers, batch)
     cap = capture(tiny_model, layers, batch)
     mask = cap.mask
@@ -135,13 +145,15 @@ def test_factors_invariant_to_batch_size_and_padding(maker):
     model = maker()
     batch = data()
     padded = make_batch([8, 5, 7, 4, 6, 8], seed=1, pad_to=12)
-    ref = fit_ekfac(model, [batch], progress=False)
+    ref = fit_ekfac(model, [batch], fisher="empirical", progress=False)
     for batches in (split_batch(batch, 1), split_batch(padded, 4)):
-        assert_same_factors(fit_ekfac(model, batches, progress=False), ref)
+        assert_same_factors(fit_ekfac(model, batches, fisher="empirical", progress=False), ref)
 
 
 def test_damping_absolute_and_relative(gpt2):
-    ekfac = fit_ekfac(gpt2, [data()], progress=False, damping=0.1, relative=True)
+    ekfac = fit_ekfac(
+        gpt2, [data()], fisher="empirical", progress=False, damping=0.1, relative=True
+    )
     name = next(iter(ekfac.eigenvalues))
     assert ekfac.damping_of(name) == pytest.approx(0.1 * float(ekfac.eigenvalues[name].mean()))
     assert ekfac.with_damping(0.5, relative=False).damping_of(name) == 0.5
@@ -161,22 +173,24 @@ def test_true_fisher_is_seeded(gpt2):
 
 def test_save_load_round_trip(gpt2, tmp_path):
     batches = split_batch(data(), 2)
-    ekfac = fit_ekfac(gpt2, batches, path=tmp_path, progress=False)
+    ekfac = fit_ekfac(gpt2, batches, path=tmp_path, fisher="empirical", progress=False)
     assert_same_factors(EKFAC.load(tmp_path, model=gpt2), ekfac)
-    assert_same_factors(KFAC.load(tmp_path), fit_kfac(gpt2, batches, progress=False))
+    assert_same_factors(
+        KFAC.load(tmp_path), fit_kfac(gpt2, batches, fisher="empirical", progress=False)
+    )
     assert EKFAC.load(tmp_path).meta["examples"] == 6
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary file
 
 
 def test_mismatches_are_clear_errors(gpt2, tmp_path):
     batches = split_batch(data(), 2)
-    fit_ekfac(gpt2, batches, path=tmp_path, progress=False)
+    fit_ekfac(gpt2, batches, path=tmp_path, fisher="empirical", progress=False)
     with pytest.raises(ValueError, match="fingerprint"):
         EKFAC.load(tmp_path, model=make_gpt2(seed=1))
     with pytest.raises(ValueError, match="fisher: saved 'empirical', expected 'true'"):
         fit_ekfac(gpt2, batches, path=tmp_path, fisher="true", progress=False)
     with pytest.raises(ValueError, match="data"):
-        fit_ekfac(gpt2, batches[:2], path=tmp_path, progress=False)
+        fit_ekfac(gpt2, batches[:2], path=tmp_path, fisher="empirical", progress=False)
     with pytest.raises(FileNotFoundError, match="no eigens.safetensors"):
         EKFAC.load(tmp_path / "elsewhere")
     (tmp_path / "correction.safetensors").write_bytes(b"\x10\x00garbage")
@@ -187,7 +201,7 @@ def test_mismatches_are_clear_errors(gpt2, tmp_path):
 def test_interrupted_fit_resumes(llama, tmp_path):
     # A fit killed part-way reruns only the batches not yet saved and gives the same factors.
     batches = split_batch(data(), 1)  # 6 batches, 2 passes (covariance, correction)
-    ref = fit_ekfac(llama, batches, progress=False)
+    ref = fit_ekfac(llama, batches, fisher="empirical", progress=False)
     forwards, stop = [], []
 
     def count(module, args, kwargs):
@@ -204,9 +218,18 @@ def test_interrupted_fit_resumes(llama, tmp_path):
             stop[:] = [stop_after] if stop_after else []
             if stop_after:
                 with pytest.raises(KeyboardInterrupt):
-                    fit_ekfac(llama, batches, path=tmp_path, save_every=1, progress=False)
+                    fit_ekfac(
+                        llama,
+                        batches,
+                        path=tmp_path,
+                        save_every=1,
+                        fisher="empirical",
+                        progress=False,
+                    )
             else:
-                resumed = fit_ekfac(llama, batches, path=tmp_path, save_every=1, progress=False)
+                resumed = fit_ekfac(
+                    llama, batches, path=tmp_path, save_every=1, fisher="empirical", progress=False
+                )
             assert len(forwards) == done
     finally:
         handle.remove()

@@ -98,3 +98,12 @@ def test_true_fisher_grads_use_the_sampled_labels(llama, batch):
 def test_unknown_fisher_is_an_error(gpt2, batch):
     with pytest.raises(ValueError, match="'exact'"):
         capture(gpt2, find_layers(gpt2), batch, fisher="exact")
+
+
+def test_nan_weights_are_a_clear_error_not_silent_nan_factors(gpt2, batch):
+    # A NaN anywhere upstream must stop the kernels with the layers named, before any fit.
+    layers = find_layers(gpt2)
+    with torch.no_grad():
+        gpt2.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        per_example_grads(gpt2, layers, batch)

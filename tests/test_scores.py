@@ -45,7 +45,7 @@ def test_identity_scores_are_gradient_dot_products(tiny_model):
 def test_ekfac_scores_match_dense_solve(gpt2):
     # score = sum_l q_l^T (F_l + lambda_l I)^-1 g_l with the dense EK-FAC blocks.
     layers = find_layers(gpt2)
-    ekfac = fit_ekfac(gpt2, [train()], layers, progress=False)
+    ekfac = fit_ekfac(gpt2, [train()], layers, fisher="empirical", progress=False)
     q = collect_grads(gpt2, layers, [queries()], progress=False)
     g = collect_grads(gpt2, layers, [train()], progress=False)
     expected = 0
@@ -82,7 +82,7 @@ def test_positive_score_means_loss_decreases(gpt2):
 
 def test_per_layer_and_per_token_scores_sum_to_total(tiny_model):
     layers = find_layers(tiny_model)
-    ekfac = fit_ekfac(tiny_model, [train()], layers, progress=False)
+    ekfac = fit_ekfac(tiny_model, [train()], layers, fisher="empirical", progress=False)
     q = collect_grads(tiny_model, layers, [queries()], progress=False)
     batches = split_batch(train(), 4)  # batches of lengths 8 and 8: T is padded the same
     total = pairwise_scores(tiny_model, batches, q, ekfac, progress=False)
@@ -98,7 +98,7 @@ def test_per_layer_and_per_token_scores_sum_to_total(tiny_model):
 
 def test_self_influence_is_pairwise_diagonal(tiny_model):
     layers = find_layers(tiny_model)
-    ekfac = fit_ekfac(tiny_model, [train()], layers, progress=False)
+    ekfac = fit_ekfac(tiny_model, [train()], layers, fisher="empirical", progress=False)
     batches = split_batch(train(), 4)
     as_queries = collect_grads(tiny_model, layers, batches, progress=False)
     pairwise = pairwise_scores(tiny_model, batches, as_queries, ekfac, progress=False)
@@ -109,7 +109,7 @@ def test_self_influence_is_pairwise_diagonal(tiny_model):
 
 def test_scores_invariant_to_batch_size_and_padding(llama):
     layers = find_layers(llama)
-    ekfac = fit_ekfac(llama, [train()], layers, progress=False)
+    ekfac = fit_ekfac(llama, [train()], layers, fisher="empirical", progress=False)
     q = collect_grads(llama, layers, [queries()], progress=False)
     ref = pairwise_scores(llama, [train()], q, ekfac, progress=False)
     padded = make_batch([8, 5, 7, 4, 6, 8], seed=1, pad_to=13)
@@ -119,7 +119,7 @@ def test_scores_invariant_to_batch_size_and_padding(llama):
 
 def test_low_rank_queries(gpt2_lora):
     layers = find_layers(gpt2_lora)
-    ekfac = fit_ekfac(gpt2_lora, [train()], layers, progress=False)
+    ekfac = fit_ekfac(gpt2_lora, [train()], layers, fisher="empirical", progress=False)
     q = collect_grads(gpt2_lora, layers, [queries()], progress=False)
     dense = pairwise_scores(gpt2_lora, [train()], q, ekfac, progress=False)
     # Full rank (LoRA matrices have rank <= 2) is exact; rank 1 is an approximation.
