@@ -7,13 +7,21 @@
 
 Modules: ``modules`` (layers, canonical layout, hooks), ``gradients`` (per-example gradients),
 ``curvature`` (EK-FAC, K-FAC), ``ggn`` (exact Gauss-Newton oracle and products), ``solvers``
-(identity, DataInf, LiSSA, CG, exact), ``scores``, ``baselines``, ``io``.
+(identity, DataInf, LiSSA, CG, exact), ``scores``, ``multistage`` (pre-training ->
+fine-tuning, paper A), ``baselines`` (RepSim, gradient cosine, BM25), ``io``.
 """
 
+from influence.baselines import bm25_scores, gradient_cosine_scores, repsim_scores
 from influence.curvature import EKFAC, KFAC, fit_ekfac, fit_kfac
 from influence.ggn import GGN
 from influence.gradients import collect_grads, per_example_grads
 from influence.modules import find_layers
+from influence.multistage import (
+    MultiStageConfig,
+    multistage_scores,
+    multistage_solvers,
+    single_stage_scores,
+)
 from influence.scores import pairwise_scores, self_influence, token_scores
 from influence.solvers import CG, DataInf, Exact, Identity, LiSSA, relative_damping
 
@@ -26,13 +34,20 @@ __all__ = [
     "Exact",
     "Identity",
     "LiSSA",
+    "MultiStageConfig",
+    "bm25_scores",
     "collect_grads",
     "find_layers",
+    "gradient_cosine_scores",
     "fit_ekfac",
     "fit_kfac",
     "pairwise_scores",
+    "multistage_scores",
+    "multistage_solvers",
     "per_example_grads",
     "relative_damping",
+    "repsim_scores",
     "self_influence",
+    "single_stage_scores",
     "token_scores",
 ]

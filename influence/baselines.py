@@ -1,7 +1,7 @@
-"""Similarity baselines that need no Hessian: representation similarity and gradient cosine.
+"""Similarity baselines that need no Hessian: representation similarity, gradient cosine, BM25.
 
-Both return a (Q, N) score matrix, queries by training examples, larger = more similar,
-in [-1, 1] (a zero vector has cosine 0 with everything).
+RepSim and gradient cosine return a (Q, N) score matrix, queries by training examples, larger =
+more similar, in [-1, 1] (a zero vector has cosine 0 with everything).
 
 - RepSim (paper B): cos(h_q, h_z) of one layer's hidden state at one position, by default
   the last layer (``hidden_states[-1]``, after the final norm in GPT-2 and Llama) at each
@@ -9,13 +9,16 @@ in [-1, 1] (a zero vector has cosine 0 with everything).
   which tokens to feed is the caller's choice of batch.
 - Gradient cosine: cos(g_q, g_z) of the flattened per-example gradients of the tracked
   layers (``influence.gradients.per_example_grads``), i.e. normalised gradient dot products.
+- BM25 (paper A's lexical baseline): ``bm25_scores`` on texts, (Q, N), unbounded.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
+from rank_bm25 import BM25Okapi
 from torch import nn
 
 from influence.gradients import collect_grads, to_device
@@ -114,3 +117,33 @@ def gradient_cosine_scores(
         return collect_grads(model, layers, batches, progress=progress)
 
     return gradient_cosine_from_grads(grads(query_batches), grads(train_batches))
+
+
+# ---- BM25 (paper A's lexical baseline) --------------------------------------------------
+
+
+def words(text: str) -> list[str]:
+    """Word-level tokens for BM25: lowercase, split on everything that is not a letter or digit."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+def bm25_scores(
+    queries: list[str], documents: list[str], k1: float = 1.5, b: float = 0.75
+) -> torch.Tensor:
+    """BM25 (Okapi, ``rank_bm25``) score of every document for every query: (Q, N) float64.
+
+    Tokens from ``words``; idf and document lengths from ``documents`` (rank_bm25 floors a
+    negative idf, a word in more than half the documents, at 0.25 x the mean idf; a word in
+    exactly half of them has idf 0 and counts for nothing). Larger = more relevant. A corpus
+    without a single word scores 0 everywhere.
+    """
+    if isinstance(queries, str) or isinstance(documents, str):
+        raise ValueError("queries and documents must be lists of strings, not one string")
+    if not documents:
+        raise ValueError("documents is empty: BM25 needs at least one document to rank")
+    corpus = [words(d) for d in documents]
+    if not any(corpus):
+        return torch.zeros(len(queries), len(documents), dtype=torch.float64)
+    index = BM25Okapi(corpus, k1=k1, b=b)
+    rows = [torch.from_numpy(index.get_scores(words(q))) for q in queries]
+    return torch.stack(rows) if rows else torch.zeros(0, len(documents), dtype=torch.float64)
