@@ -167,25 +167,124 @@ class GGN:
             cols.append((centred * p.sqrt()).flatten(1))  # (c, K*V)
         return torch.cat(cols)
 
-    def dense(self) -> torch.Tensor:
+    def _head(self) -> nn.Linear:
+        """The LM head, checked to be what the reverse mode assumes: logits = W h."""
+        head = (
+            self.model.get_output_embeddings()
+            if hasattr(self.model, "get_output_embeddings")
+            else None
+        )
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            raise ValueError(
+                f"mode='reverse' needs a bias-free nn.Linear LM head (get_output_embeddings()), "
+                f"got {type(head).__name__}: use mode='forward'"
+            )
+        if any(m is head for m in self.layers.values()):
+            raise ValueError("mode='reverse' needs an untracked LM head: use mode='forward'")
+        return head
+
+    def _scaled_jacobian_reverse(self, batch: Batch) -> torch.Tensor:
+        """A with A A^T = sum_t J_t^T H_t J_t, by reverse mode: (P, K*d), float64.
+
+        With the LM head z_t = W h_t (W: (V, d), h_t the last hidden state), J_t = W J^h_t and
+        J_t^T H_t J_t = (J^h_t)^T C_t J^h_t with C_t = W^T H_t W = L_t L_t^T (d, d; eigh).
+        Column (t, j) of A is the gradient of L_t[:, j] . h_t. Sequences do not interact, so
+        one backward pass gives it for one (t, j) of every sequence at once: the gradient of
+        each tracked layer is sum_s g_s a_s^T per sequence, from its inputs a_s and the
+        gradients g_s at its outputs. Cost: max_n K_n * d backward passes over the batch
+        (K_n counted positions of sequence n; vmapped in chunks of ``chunk``), against P
+        Jacobian-vector products in forward mode: cheaper when K_n * d < P.
+        """
+        head = self._head()
+        native = {
+            f"{name}.{key}": value
+            for name, mat in self.params.items()
+            for key, value in to_native(self.layers[name], mat).items()
+        }
+        probes, acts, hidden = {}, {}, {}
+
+        def tracked_hook(name):
+            def hook(module, inputs, output):
+                a = inputs[0].detach()
+                if module.bias is not None:
+                    a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+                acts[name] = a  # (B, T, d_in')
+                # d/d(probe) = d/d(output); the probe keeps every path downstream of it.
+                probes[name] = torch.zeros_like(output, requires_grad=True)
+                return output + probes[name]
+
+            return hook
+
+        handles = [m.register_forward_hook(tracked_hook(n)) for n, m in self.layers.items()]
+        handles.append(head.register_forward_hook(lambda m, i, o: hidden.update(h=i[0], z=o)))
+        inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+        try:
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                out = functional_call(self.model, {**self._frozen, **native}, (), inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        logits = out.logits if hasattr(out, "logits") else out
+        h = hidden["h"]  # (B, T, d)
+        if logits.shape != hidden["z"].shape or not torch.equal(logits, hidden["z"]):
+            raise ValueError("the logits are not the LM head's output: use mode='forward'")
+        mask = loss_mask(batch["labels"].to(self.device))  # (B, T)
+        p = torch.softmax(logits.detach()[mask].double(), dim=-1)  # (K, V)
+        w = head.weight.detach().double()  # (V, d)
+        wp = p @ w  # (K, d)
+        c = torch.einsum("vd,kv,ve->kde", w, p, w) - wp[:, :, None] * wp[:, None, :]
+        e, u = torch.linalg.eigh(c)  # C_t = L_t L_t^T with L_t = U diag(sqrt e)
+        roots = (u * e.clamp(min=0).sqrt()[:, None, :]).to(h.dtype)  # (K, d, d), columns j
+        # slot[b, i]: the i-th counted position of sequence b (as an index into the K rows).
+        b_idx, t_idx = mask.nonzero(as_tuple=True)  # (K,), (K,), sorted by b then t
+        counts = mask.sum(1)  # (B,)
+        local = torch.arange(len(b_idx), device=self.device) - (counts.cumsum(0) - counts)[b_idx]
+        d, names = h.shape[-1], list(self.layers)
+        cols = []
+        for start in range(0, int(counts.max()) * d, self.chunk):
+            rounds = torch.arange(start, min(start + self.chunk, int(counts.max()) * d))
+            r, k = torch.nonzero(local[None, :] == (rounds // d)[:, None], as_tuple=True)
+            j = (rounds % d)[r]  # (R,) hidden direction of each (round, position) pair
+            cot = torch.zeros(len(rounds), *h.shape, dtype=h.dtype, device=self.device)
+            cot[r, b_idx[k], t_idx[k]] = roots[k, :, j]
+            grads = torch.autograd.grad(
+                h, [probes[n] for n in names], cot, retain_graph=True, is_grads_batched=True
+            )  # {(c, B, T, d_out)}
+            per_seq = [
+                torch.einsum("cbto,bti->cboi", g, acts[n]).flatten(2)
+                for n, g in zip(names, grads, strict=True)
+            ]
+            cols.append(torch.cat(per_seq, dim=-1)[r, b_idx[k]].double())  # (R, P)
+        return torch.cat(cols).T
+
+    def dense(self, mode: str = "forward") -> torch.Tensor:
         """G as a dense (P, P) float64 matrix: the oracle for small parameter sets.
 
-        Cost per batch: P Jacobian-vector products (in chunks of ``chunk``), memory P*K*V
-        for the Jacobian of its K counted positions, and a (P x KV) @ (KV x P) product.
-        Exact to float64 rounding when the model computes in float64; use it for P up to a
-        few thousand.
+        mode "forward", per batch: P Jacobian-vector products (in chunks of ``chunk``), memory
+        P*K*V for the Jacobian of its K counted positions, a (P x KV) @ (KV x P) product.
+        mode "reverse" (``_scaled_jacobian_reverse``): max_n K_n * d backward passes, memory
+        P*K*d, a (P x Kd) @ (Kd x P) product; needs a linear, untracked LM head. Both are
+        exact to float64 rounding when the model computes in float64; use them for P up to
+        a few thousand.
         """
         out = torch.zeros(self.num_params, self.num_params, dtype=torch.float64)
         for batch in self.batches:
-            a = self._scaled_jacobian(batch).cpu()
+            a = self._jacobian(batch, mode).cpu()
             out += a @ a.T
         return out / self.num_sequences
 
-    def trace(self) -> dict[str, float]:
+    def _jacobian(self, batch: Batch, mode: str) -> torch.Tensor:
+        if mode == "forward":
+            return self._scaled_jacobian(batch)
+        if mode == "reverse":
+            return self._scaled_jacobian_reverse(batch)
+        raise ValueError(f"mode must be 'forward' or 'reverse', got {mode!r}")
+
+    def trace(self, mode: str = "forward") -> dict[str, float]:
         """tr(G_ll) of each layer's diagonal block (exact; same cost as ``dense``, less memory)."""
         total = torch.zeros(self.num_params, dtype=torch.float64)
         for batch in self.batches:
-            total += self._scaled_jacobian(batch).pow(2).sum(1).cpu()
+            total += self._jacobian(batch, mode).pow(2).sum(1).cpu()
         parts = self.unflatten(total / self.num_sequences)
         return {name: float(x.sum()) for name, x in parts.items()}
 
@@ -229,6 +328,57 @@ class GGN:
                 g = g.double().cpu()
                 out += g.T @ g
         return out / (self.num_sequences * num_samples)
+
+
+class DenseGGN:
+    """A GGN held as dense float64 matrices, one per batch; products are matrix multiplies.
+
+    Same interface as ``GGN`` for the solvers (``matvec`` with an optional subset of
+    ``batches``, ``dense``, ``trace``, ``shapes``, ``unflatten``) and the same products to
+    float64 rounding, at a cost of P^2 memory per batch. For small P, to run iterative solvers
+    for many steps (LiSSA, CG) or with several dampings on one GGN. ``mode``: as in
+    ``GGN.dense``.
+    """
+
+    def __init__(self, ggn: GGN, mode: str = "forward"):
+        self.shapes, self.batches = ggn.shapes, ggn.batches
+        self.num_params, self.num_sequences = ggn.num_params, ggn.num_sequences
+        self.dtype, self.device = torch.float64, torch.device("cpu")
+        self.sums = []  # per batch: sum over its sequences of J^T H J, (P, P)
+        for batch in self.batches:
+            a = ggn._jacobian(batch, mode).cpu()
+            self.sums.append(a @ a.T)
+        self._index = {id(b): i for i, b in enumerate(self.batches)}
+        self._total = sum(self.sums)
+
+    def unflatten(self, vec: torch.Tensor) -> LayerGrads:
+        return _unflatten(vec, self.shapes)
+
+    def dense(self) -> torch.Tensor:
+        """G (P, P), float64."""
+        return self._total / self.num_sequences
+
+    def trace(self) -> dict[str, float]:
+        parts = self.unflatten(torch.diagonal(self.dense()))
+        return {name: float(x.sum()) for name, x in parts.items()}
+
+    def matvec(self, v: LayerGrads, batches: list[Batch] | None = None) -> LayerGrads:
+        """G v (or the GGN of a subset of this GGN's ``batches``), as ``GGN.matvec``."""
+        if set(v) != set(self.shapes):
+            raise ValueError(f"v has layers {sorted(v)}, the GGN tracks {sorted(self.shapes)}")
+        batches = self.batches if batches is None else batches
+        unknown = [i for i, b in enumerate(batches) if id(b) not in self._index]
+        if unknown:
+            raise ValueError(f"batches {unknown} are not among this GGN's batches")
+        chosen = [self._index[id(b)] for b in batches]
+        n = sum(self.batches[i]["input_ids"].shape[0] for i in chosen)
+        x = flatten({name: v[name] for name in self.shapes})  # (Q, P)
+        if sorted(chosen) == list(range(len(self.batches))):
+            total = self._total  # every batch once: the cached sum
+        else:
+            total = sum(self.sums[i] for i in chosen)
+        out = x.double() @ total / n
+        return self.unflatten(out.to(x))
 
 
 def ggn_vector_product(

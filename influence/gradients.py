@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # tqdm.auto warns in notebooks without ipywidgets
 
 from influence.lm import IGNORE, sequence_losses
 from influence.modules import Capture, LayerGrads

@@ -13,7 +13,9 @@ factor into absolute values: factor x mean eigenvalue of G (trace / P), per laye
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,6 +80,15 @@ def relative_damping(factor: float, ggn: GGN, per_layer: bool = True) -> dict[st
     return dict.fromkeys(traces, factor * sum(traces.values()) / sum(sizes.values()))
 
 
+def _check_nonsingular(s: torch.Tensor) -> None:
+    """Eigenvalues ``s`` (ascending) of a damped block, checked to be safely positive."""
+    if s.min() <= len(s) * torch.finfo(s.dtype).eps * s.max():
+        raise ValueError(
+            f"G + damping is singular (eigenvalues {s.min().item():.3g} to "
+            f"{s.max().item():.3g}): use a positive damping"
+        )
+
+
 @dataclass
 class Identity:
     """Hessian-free ("gradient dot product", paper B's ``gradient_match``): ihvp(v) = v.
@@ -120,11 +131,7 @@ class Exact:
         for size in sizes:
             block = slice(start, start + size)
             s, u = torch.linalg.eigh(matrix[block, block] + torch.diag(lam[block]))
-            if s.min() <= size * torch.finfo(s.dtype).eps * s.max():
-                raise ValueError(
-                    f"G + damping is singular (eigenvalues {s.min().item():.3g} to "
-                    f"{s.max().item():.3g}): use a positive damping"
-                )
+            _check_nonsingular(s)
             self._blocks.append(block)
             self.eigvals.append(s)
             self.eigvecs.append(u)
@@ -133,6 +140,22 @@ class Exact:
     @classmethod
     def from_ggn(cls, ggn: GGN, damping: Damping = 0.0, block_diagonal: bool = False) -> Exact:
         return cls(ggn.dense(), ggn.shapes, damping, block_diagonal)
+
+    def with_damping(self, damping: Damping) -> Exact:
+        """The same matrix with another damping. When the old and the new damping are each
+        constant on every block, G + lam' I has the eigenvectors of G + lam I and eigenvalues
+        shifted by lam' - lam: no new eigendecomposition. Otherwise it is decomposed again."""
+        old = _damping_vector(_per_layer(self.damping, self.shapes), self.shapes)
+        new = _damping_vector(_per_layer(damping, self.shapes), self.shapes)
+        shifts = [new[block] - old[block] for block in self._blocks]
+        if not all(bool((d == d[0]).all()) for d in shifts):
+            return Exact(self.matrix, self.shapes, damping, self.block_diagonal)
+        out = copy.copy(self)
+        out.damping = damping
+        out.eigvals = [s + d[0] for s, d in zip(self.eigvals, shifts, strict=True)]
+        for s in out.eigvals:
+            _check_nonsingular(s)
+        return out
 
     def ihvp(self, v: LayerGrads) -> LayerGrads:
         x = _flat(v, self.shapes).cpu()  # (Q, P)
@@ -200,7 +223,8 @@ class LiSSA:
     batch is independent of h_j, so E[result] equals the deterministic recursion with the full
     G; ``repeats`` independent runs are averaged. Cost: depth x repeats GGN products.
     ``scale`` must exceed lambda_max(G) + lam (``largest_eigenvalue`` estimates it), or the
-    recursion diverges.
+    recursion diverges. ``callback(j, h_j / s)``, if given, sees every step's estimate (of the
+    current repeat): accuracy against GGN products in one run.
     """
 
     ggn: GGN
@@ -209,6 +233,7 @@ class LiSSA:
     depth: int = 100
     repeats: int = 1
     seed: int = 0
+    callback: Callable[[int, LayerGrads], None] | None = None
 
     def __post_init__(self):
         if self.scale <= 0 or self.depth < 0 or self.repeats < 1:
@@ -224,10 +249,12 @@ class LiSSA:
         total = {n: torch.zeros_like(x) for n, x in v.items()}
         for _ in range(self.repeats):
             h = {n: x.clone() for n, x in v.items()}
-            for _ in range(self.depth):
+            for step in range(self.depth):
                 batch = self.ggn.batches[int(torch.multinomial(sizes, 1, generator=gen))]
                 gh = self.ggn.matvec(h, batches=[batch])
                 h = {n: v[n] + h[n] - (gh[n] + self.lam[n] * h[n]) / self.scale for n in h}
+                if self.callback is not None:
+                    self.callback(step + 1, {n: x / self.scale for n, x in h.items()})
             for n in total:
                 total[n] += h[n]
         return {n: x / (self.repeats * self.scale) for n, x in total.items()}
@@ -288,6 +315,7 @@ class CG:
     ``ihvp`` approximates A^{-1} (symmetric positive definite), e.g. EK-FAC or ``Exact``
     (block-diagonal) - preconditioned CG then needs few products when it is accurate, 1
     when it is A^{-1} itself. ``ihvp`` stores its ``CGInfo`` in ``self.info``.
+    ``callback(k, x_k)``, if given, sees the iterate (float64) after every step k.
     """
 
     ggn: GGN
@@ -295,6 +323,7 @@ class CG:
     max_iters: int = 100
     tol: float = 1e-10
     preconditioner: Solver | None = None
+    callback: Callable[[int, LayerGrads], None] | None = None
     info: CGInfo | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -334,6 +363,8 @@ class CG:
             p = torch.where(active[:, None], z + beta[:, None] * p, p)
             rz = torch.where(active, rz_new, rz)
             history.append(r.norm(dim=1) / norm_b)
+            if self.callback is not None:
+                self.callback(len(history) - 1, unflatten(x.clone(), self.ggn.shapes))
         info = CGInfo(torch.stack(history), products, len(history) - 1)
         like = next(iter(v.values()))
         return unflatten(x.to(like), self.ggn.shapes), info
@@ -350,16 +381,17 @@ def lissa_depth(rate: float, tol: float) -> int:
     return max(0, math.ceil(math.log(tol) / math.log(rate)) - 1) if rate > 0 else 0
 
 
-def largest_eigenvalue(ggn: GGN, iters: int = 50, seed: int = 0) -> float:
+def largest_eigenvalue(ggn: GGN, iters: int = 50, seed: int = 0, batches=None) -> float:
     """lambda_max(G) by power iteration (``iters`` GGN products; a lower bound that converges
-    at the rate lambda_2 / lambda_1). Multiply by a margin (e.g. 1.1) for LiSSA's scale."""
+    at the rate lambda_2 / lambda_1). Multiply by a margin (e.g. 1.1) for LiSSA's scale.
+    ``batches``: the GGN of that subset of ``ggn.batches`` (LiSSA's minibatch products)."""
     x = torch.randn(
         1, ggn.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
     )
     value = 0.0
     for _ in range(iters):
         x = x / x.norm()
-        gx = flatten(ggn.matvec(ggn.unflatten(x)))
+        gx = flatten(ggn.matvec(ggn.unflatten(x), batches=batches))
         value = float((x * gx).sum())  # Rayleigh quotient of the unit vector x
         x = gx
     return value

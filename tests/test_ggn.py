@@ -7,7 +7,7 @@ import torch
 from conftest import MAKERS, make_batch, split_batch, unpad
 from transformers.pytorch_utils import Conv1D
 
-from influence.ggn import GGN, ggn_vector_product
+from influence.ggn import GGN, DenseGGN, ggn_vector_product
 from influence.gradients import per_example_grads
 from influence.lm import loss_mask
 from influence.modules import find_layers, flatten
@@ -191,3 +191,39 @@ def test_bad_vector_shapes_are_clear_errors():
         ggn.matvec({n: x[0] for n, x in v.items()})
     with pytest.raises(ValueError, match="tracks"):
         ggn.matvec(dict(list(v.items())[:1]))
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_reverse_mode_equals_forward_mode(name):
+    # Two independent routes to the same matrix: P Jacobian-vector products through the logits
+    # against K*d backward passes through the last hidden state; chunks smaller than a round.
+    model, layers, batch = setup(name)
+    ggn = GGN(model, layers, [batch, make_batch([5, 8], seed=3)], chunk=5)
+    forward = ggn.dense()
+    assert rel_err(ggn.dense(mode="reverse"), forward) < RTOL[name]
+    traces = ggn.trace(mode="reverse")
+    assert sum(traces.values()) == pytest.approx(float(forward.trace()), rel=1e-10)
+
+
+def test_reverse_mode_needs_an_untracked_linear_head():
+    model = MAKERS["llama"]()
+    ggn = GGN(model, {"lm_head": model.lm_head}, make_batch([5, 4]))
+    with pytest.raises(ValueError, match="untracked LM head"):
+        ggn.dense(mode="reverse")
+    with pytest.raises(ValueError, match="mode must be"):
+        ggn.dense(mode="sideways")
+
+
+def test_dense_ggn_products_equal_matvec():
+    # Whole data and one batch of it (LiSSA's stochastic products), from cached matrices.
+    model, layers, batch = setup("gpt2_lora")
+    batches = split_batch(batch, 2)
+    ggn = GGN(model, layers, batches)
+    held = DenseGGN(ggn, mode="reverse")
+    v = ggn.unflatten(torch.randn(3, ggn.num_params, dtype=torch.float64))
+    assert rel_err(flatten(held.matvec(v)), flatten(ggn.matvec(v))) < 1e-10
+    one = [batches[1]]
+    assert rel_err(flatten(held.matvec(v, one)), flatten(ggn.matvec(v, one))) < 1e-10
+    assert rel_err(held.dense(), ggn.dense()) < 1e-10
+    with pytest.raises(ValueError, match="not among"):
+        held.matvec(v, [make_batch([4, 4])])

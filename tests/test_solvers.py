@@ -7,7 +7,7 @@ import torch
 from conftest import make_batch, make_gpt2_lora, split_batch
 
 from influence.curvature import fit_ekfac
-from influence.ggn import GGN
+from influence.ggn import GGN, DenseGGN
 from influence.gradients import per_example_grads
 from influence.modules import find_layers, flatten, unflatten
 from influence.solvers import (
@@ -261,6 +261,12 @@ def test_largest_eigenvalue_by_power_iteration(problem):
     top = float(torch.linalg.eigvalsh(dense)[-1])
     estimate = largest_eigenvalue(ggn, iters=40)
     assert 0.999 * top < estimate <= top * (1 + 1e-12)  # a Rayleigh quotient: never above
+    # The GGN of a minibatch (here the whole data as 2 of 3 batches: a different matrix).
+    batches = split_batch(problem[2], 2)
+    held = DenseGGN(GGN(problem[0], problem[1], batches))
+    sub = float(torch.linalg.eigvalsh(held.sums[0] + held.sums[2])[-1]) / 4
+    estimate = largest_eigenvalue(held, iters=60, batches=[batches[0], batches[2]])
+    assert 0.999 * sub < estimate <= sub * (1 + 1e-12) and abs(sub - top) > 1e-3 * top
 
 
 def test_bad_vectors_are_clear_errors(problem):
@@ -282,3 +288,29 @@ def test_bad_damping_is_a_clear_error(problem):
         Exact(dense, ggn.shapes, damping=0.0)  # 6 sequences: G has a null space
     with pytest.raises(ValueError, match="divides by the damping"):
         DataInf(v, damping=0.0)
+
+
+def test_exact_with_damping_equals_a_fresh_decomposition(problem):
+    _, _, _, ggn, dense, v = problem
+    per_layer = relative_damping(0.5, ggn, per_layer=True)
+    for block_diagonal in (False, True):
+        base = Exact(dense, ggn.shapes, 1e-3, block_diagonal=block_diagonal)
+        for damping in (0.2, per_layer):  # shifted eigenvalues; per-layer: shifted per block
+            fresh = Exact(dense, ggn.shapes, damping, block_diagonal=block_diagonal)
+            assert rel_err(base.with_damping(damping).ihvp(v), fresh.ihvp(v)) < 1e-10
+    assert base.damping == 1e-3  # the original is unchanged
+
+
+def test_callbacks_see_every_iterate(problem):
+    _, _, _, ggn, _, v = problem
+    seen = {}
+    cg = CG(ggn, 0.1, max_iters=4, tol=0.0, callback=lambda k, x: seen.update({k: x}))
+    out = cg.ihvp(v)
+    assert sorted(seen) == [1, 2, 3, 4] and rel_err(seen[4], out) < 1e-12
+    two = CG(ggn, 0.1, max_iters=2, tol=0.0).ihvp(v)
+    assert rel_err(seen[2], two) < 1e-12
+    seen.clear()
+    record = lambda j, x: seen.update({j: x})  # noqa: E731
+    out = LiSSA(ggn, damping=1e-3, scale=0.2, depth=5, callback=record).ihvp(v)
+    assert sorted(seen) == [1, 2, 3, 4, 5] and rel_err(seen[5], out) < 1e-12
+    assert rel_err(seen[3], LiSSA(ggn, damping=1e-3, scale=0.2, depth=3).ihvp(v)) < 1e-12
