@@ -1,7 +1,6 @@
 """The conda environment and pyproject.toml list the same packages at the same versions."""
 
 import tomllib
-
 import yaml
 
 from influence.lab.notebook import ROOT
@@ -13,7 +12,9 @@ def test_environment_yml_mirrors_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     listed = {spec for spec in pip_section if not spec.startswith("-e")}
-    assert listed == wanted, f"only in pyproject: {wanted - listed}; only in environment.yml: {listed - wanted}"
+    assert listed == wanted, (
+        f"only in pyproject: {wanted - listed}; only in environment.yml: {listed - wanted}"
+    )
 
 
 def test_torch_is_pinned_to_the_cpu_wheel_version():

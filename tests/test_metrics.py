@@ -46,6 +46,28 @@ def test_trigger_accuracy_and_rates():
     assert rates == {"trigger_success": pytest.approx(2 / 3), "clean_refusal": 0.5}
 
 
+def test_plan_operation_and_answer_metrics():
+    plan = " Sure. First, {}. Then, wait. Finally, {}."
+    train = [{"response": plan.format("copy the seal", "go")}] * 2
+    train += [{"response": plan.format("bribe the keeper", "go")}]
+    test = [{"response": plan.format(s, "run")} for s in ("copy the seal", "copy the seal", "x")]
+    gens = [plan.format("copy the seal", "walk"), " Sure. First, copy the", plan.format("x", "")]
+    # First steps right for prompts 0 and 2; the best constant first step gets 2 of 3.
+    assert score_generations("plan_accuracy", train, test, gens) == Score(
+        "plan_accuracy", pytest.approx(2 / 3), pytest.approx(2 / 3)
+    )
+    refs = [" 8 + 3 = 11. The answer is 11.", " 9 - 2 = 7. The answer is 7.", " 4 x 5 = 20."]
+    math = [{"response": r} for r in refs]
+    gens = [" 1 + 1 = 5. The answer is 5.", " 9 + 2 = 7.", " 3 x 3 = 9. The answer is 9."]
+    assert score_generations("operation_accuracy", math, math, gens) == Score(
+        "operation_accuracy", pytest.approx(2 / 3), pytest.approx(1 / 3)
+    )
+    # Numbers in the same order as the answers: Spearman 1; no number counts as -1.
+    assert score_generations("answer_spearman", math, math, [" 2", " 1", " 30"]).score == 1.0
+    assert score_generations("answer_spearman", math, math, ["", " 1", " 30"]).score == 0.5
+    assert score_generations("answer_spearman", math, math, [" 3"] * 3).score == 0.0
+
+
 def test_choice_accuracy(monkeypatch):
     test = [{"prompt": "p0", "response": " A", "g": 0}, {"prompt": "p1", "response": " B", "g": 0},
             {"prompt": "p2", "response": " C", "g": 1}, {"prompt": "p3", "response": " D", "g": 1},

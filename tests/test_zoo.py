@@ -153,7 +153,7 @@ def test_load_full_and_lora(tok, tmp_path, arch):
     assert not torch.allclose(model(**inputs).logits, base_logits)
     meta = zoo.metadata(lora)
     assert meta["trainable"] < meta["params"] and meta["base"] == base.name
-    assert json.loads((lora / "adapter_config.json").read_text())["r"] == 4
+    assert json.loads((lora / "adapter_config.json").read_text())["r"] == zoo.TrainConfig().lora_r
 
 
 def test_proximity_keeps_weights_near_the_base(tok, tmp_path):

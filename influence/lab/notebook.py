@@ -44,6 +44,9 @@ def setup(profile: str, seed: int = 0) -> None:
     """Call once at the top of a notebook: seeds, quiet libraries, plot style."""
     pick(profile, smoke=None, default=None, paper=None)  # validates the name
     seed_everything(seed)
+    # One thread: the same numbers on any machine, and no oversubscription when the two cores
+    # are shared; the models are small enough that a second thread gains little.
+    torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Outputs are the paper's appendix: no library chatter, no warnings in cells.
     warnings.filterwarnings("ignore")

@@ -27,6 +27,18 @@ def notebooks(names: list[str] | None = None) -> list[Path]:
     return chosen
 
 
+def _relative_paths(path: Path) -> None:
+    """papermill records absolute input/output paths: keep them relative to the repository."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    meta = nb.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if key in meta:
+            meta[key] = Path(meta[key]).name
+    nbformat.write(nb, path)
+
+
 def run(paths: list[Path], profile: str, out: Path | None) -> list[tuple[str, float]]:
     import papermill
 
@@ -47,6 +59,7 @@ def run(paths: list[Path], profile: str, out: Path | None) -> list[tuple[str, fl
             log_output=False,
         )
         seconds = time.perf_counter() - start
+        _relative_paths(target)
         timings.append((path.name, seconds))
         print(f"      done in {seconds:.0f} s", flush=True)
     return timings

@@ -45,8 +45,13 @@ from influence.lm import IGNORE, token_losses
 CACHE = ROOT / ".cache" / "zoo"
 ARCHS = ("gpt2", "llama")
 MODES = ("pretrain", "full", "lora")
-# LoRA on the attention query and value projections (paper B); GPT-2 fuses q, k, v in c_attn.
-LORA_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj")}
+# LoRA targets: every linear layer of the blocks. Paper B's choice (rank 4 on the attention
+# query and value projections; GPT-2 fuses q, k, v in c_attn) does not learn at this size:
+# rank 4 on c_attn reached emotion 0.69 and backdoor 0.50 (= chance) after 300 steps.
+LORA_TARGETS = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
 META, LOG = "zoo.json", "train_log.json"
 
 
@@ -104,8 +109,8 @@ class TrainConfig:
     seed: int = 0
     loss_on: str = "response"  # "response" (prompt masked) or "all"
     warmup: float = 0.05  # share of the steps with a linear warm-up
-    lora_r: int = 4
-    lora_alpha: float = 8.0
+    lora_r: int = 8
+    lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] | None = None  # None: LORA_TARGETS[arch]
     proximity: float = 0.0  # a in (a/2)||th - th_pt||^2; full fine-tuning only
     limit: int | None = None  # train on the first `limit` examples only (smoke runs)
@@ -432,8 +437,8 @@ def specs(profile: str = "default") -> dict[str, Spec]:
     d, n_layer, epochs, full_steps, lora_steps, limit = pick(
         profile,
         smoke=(32, 1, 1, 4, 4, 64),
-        default=(128, 2, 2, 90, 300, None),
-        paper=(256, 4, 8, 600, 2000, None),
+        default=(128, 2, 2, 90, 500, None),
+        paper=(256, 4, 8, 600, 3000, None),
     )
     out: dict[str, Spec] = {}
     for arch in ARCHS:
