@@ -11,6 +11,12 @@ Modules: ``modules`` (layers, canonical layout, hooks), ``gradients`` (per-examp
 fine-tuning, paper A), ``baselines`` (RepSim, gradient cosine, BM25), ``io``.
 """
 
+import warnings
+
+# transformers imports tqdm.auto, which warns once in a notebook without ipywidgets (before a
+# notebook can silence anything); its text progress bars work, so the warning is noise.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 from influence.baselines import bm25_scores, gradient_cosine_scores, repsim_scores
 from influence.curvature import EKFAC, KFAC, fit_ekfac, fit_kfac
 from influence.ggn import GGN

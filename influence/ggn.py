@@ -269,11 +269,14 @@ class GGN:
         """
         out = torch.zeros(self.num_params, self.num_params, dtype=torch.float64)
         for batch in self.batches:
-            a = self._jacobian(batch, mode).cpu()
+            a = self.jacobian(batch, mode).cpu()
             out += a @ a.T
         return out / self.num_sequences
 
-    def _jacobian(self, batch: Batch, mode: str) -> torch.Tensor:
+    def jacobian(self, batch: Batch, mode: str = "forward") -> torch.Tensor:
+        """A (P, K*V or K*d) with A A^T = sum over the batch's sequences of J^T H J: the
+        batch's GGN sum, as a factor (``mode`` as in ``dense``). Its rank is at most its
+        width, so a GGN wider than its data can be inverted on the small side."""
         if mode == "forward":
             return self._scaled_jacobian(batch)
         if mode == "reverse":
@@ -284,7 +287,7 @@ class GGN:
         """tr(G_ll) of each layer's diagonal block (exact; same cost as ``dense``, less memory)."""
         total = torch.zeros(self.num_params, dtype=torch.float64)
         for batch in self.batches:
-            total += self._jacobian(batch, mode).pow(2).sum(1).cpu()
+            total += self.jacobian(batch, mode).pow(2).sum(1).cpu()
         parts = self.unflatten(total / self.num_sequences)
         return {name: float(x.sum()) for name, x in parts.items()}
 
@@ -346,7 +349,7 @@ class DenseGGN:
         self.dtype, self.device = torch.float64, torch.device("cpu")
         self.sums = []  # per batch: sum over its sequences of J^T H J, (P, P)
         for batch in self.batches:
-            a = ggn._jacobian(batch, mode).cpu()
+            a = ggn.jacobian(batch, mode).cpu()
             self.sums.append(a @ a.T)
         self._index = {id(b): i for i, b in enumerate(self.batches)}
         self._total = sum(self.sums)
@@ -372,13 +375,12 @@ class DenseGGN:
             raise ValueError(f"batches {unknown} are not among this GGN's batches")
         chosen = [self._index[id(b)] for b in batches]
         n = sum(self.batches[i]["input_ids"].shape[0] for i in chosen)
-        x = flatten({name: v[name] for name in self.shapes})  # (Q, P)
+        x = flatten({name: v[name] for name in self.shapes}).double()  # (Q, P)
         if sorted(chosen) == list(range(len(self.batches))):
-            total = self._total  # every batch once: the cached sum
-        else:
-            total = sum(self.sums[i] for i in chosen)
-        out = x.double() @ total / n
-        return self.unflatten(out.to(x))
+            out = x @ self._total / n  # every batch once: the cached sum
+        else:  # a product per batch: no P x P temporary (LiSSA's minibatches)
+            out = sum(x @ self.sums[i] for i in chosen) / n
+        return self.unflatten(out.to(v[next(iter(self.shapes))].dtype))
 
 
 def ggn_vector_product(

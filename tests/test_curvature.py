@@ -237,3 +237,34 @@ def test_interrupted_fit_resumes(llama, tmp_path):
     _, meta = load_tensors(tmp_path / "correction.safetensors")
     assert meta["stage"] == "correction" and meta["fisher"] == "empirical"
     assert not list(tmp_path.glob("*.partial.*"))
+
+
+def test_true_fisher_ekfac_matches_exact_expectation():
+    # With labels sampled from the model, EK-FAC's corrected eigenvalues estimate
+    # diag(Q^T G Q) per layer, G the exact GGN (= the expected true Fisher per sequence), in
+    # the fitted basis Q = Q_S (x) Q_A. Their error is label-sampling noise: ~ 1/sqrt(draws).
+    from influence.ggn import GGN
+
+    model = make_gpt2()
+    layers = find_layers(model, include=r"attn\.c_proj")
+    batch = data()
+    exact = GGN(model, layers, [batch]).dense()
+
+    def error(draws):
+        fit = fit_ekfac(model, [batch] * draws, layers, progress=False)
+        num = den = 0.0
+        start = 0
+        for name, lam in fit.eigenvalues.items():
+            size = lam.numel()
+            block = exact[start : start + size, start : start + size]
+            basis = torch.kron(fit.eigvecs_s[name], fit.eigvecs_a[name])
+            expected = torch.einsum("pi,pq,qi->i", basis, block, basis)
+            num += float((lam.reshape(-1) - expected).square().sum())
+            den += float(expected.square().sum())
+            start += size
+        return (num / den) ** 0.5
+
+    few, many = error(4), error(256)
+    assert many < 0.1, many
+    # 64x the draws: the noise should shrink ~8x; allow for the randomness of the estimate.
+    assert many < few / 3, (few, many)

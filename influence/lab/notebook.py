@@ -19,7 +19,9 @@ import torch
 
 PROFILES = ("smoke", "default", "paper")
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (editable install)
-FIGURES = ROOT / "figures"
+# Where figures and results.json go: figures/, or $INFLUENCE_FIGURES (the runner's --out, so
+# that a smoke run never overwrites the committed default-profile figures).
+FIGURES = Path(os.environ.get("INFLUENCE_FIGURES", ROOT / "figures"))
 FIG_WIDTH = 6.4  # inches; every figure has this width so the gallery is uniform
 
 

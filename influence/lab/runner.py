@@ -1,12 +1,14 @@
 """Execute the notebooks with papermill: ``python -m influence.lab.runner --profile default``.
 
 In place by default (the executed notebooks are committed, figures/ and results.json are
-regenerated); ``--out DIR`` writes the executed copies elsewhere (used by ``make smoke``).
+regenerated); ``--out DIR`` writes the executed copies, figures and results.json under DIR instead (used
+by ``make smoke``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ def run(paths: list[Path], profile: str, out: Path | None) -> list[tuple[str, fl
 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        os.environ["INFLUENCE_FIGURES"] = str(out.resolve() / "figures")  # inherited by kernels
     timings = []
     for i, path in enumerate(paths, 1):
         target = path if out is None else out / path.name

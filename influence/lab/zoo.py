@@ -209,7 +209,8 @@ def _fit(model, encoded, cfg: TrainConfig, pad_id: int, desc: str) -> list[float
     queue: list[list[int]] = []
     losses = []
     model.train()
-    for _ in tqdm(range(total), desc=desc, leave=False, mininterval=2.0):
+    # A live bar in a terminal; in a notebook (no TTY) one line per model, from _train.
+    for _ in tqdm(range(total), desc=desc, leave=False, mininterval=2.0, disable=None):
         if not queue:  # a new epoch
             queue = _epoch(lengths, cfg.batch_size, gen)
         batch = collate([encoded[i] for i in queue.pop()], pad_id)
@@ -261,10 +262,13 @@ def _train(path: Path, model, tokenizer, examples, cfg: TrainConfig, max_len: in
     encoded = encode(tokenizer, examples, cfg.loss_on, max_len)
     start = time.perf_counter()
     losses = _fit(model, encoded, cfg, tokenizer.pad_token_id, desc=meta["name"])
+    seconds = time.perf_counter() - start
+    print(f"zoo: trained {meta['name']} ({len(losses)} steps, {seconds:.0f} s, final loss "
+          f"{losses[-1]:.3f})", flush=True)  # fmt: skip
     meta |= dict(
         train=asdict(cfg), tokenizer=tokenizer_hash(tokenizer), n_examples=len(examples),
         tokens=sum(len(ids) for ids, _ in encoded), params=_n_params(model),
-        trainable=_n_params(model, trainable=True), seconds=round(time.perf_counter() - start, 2),
+        trainable=_n_params(model, trainable=True), seconds=round(seconds, 2),
     )  # fmt: skip
 
     def save(tmp):
