@@ -29,8 +29,9 @@ def notebooks(names: list[str] | None = None) -> list[Path]:
     return chosen
 
 
-def _relative_paths(path: Path) -> None:
-    """papermill records absolute input/output paths: keep them relative to the repository."""
+def _tidy(path: Path) -> None:
+    """papermill records absolute input/output paths (keep only the names) and injects a
+    parameters cell ending in a blank line (strip it, so that ``ruff format`` stays clean)."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
@@ -38,6 +39,9 @@ def _relative_paths(path: Path) -> None:
     for key in ("input_path", "output_path"):
         if key in meta:
             meta[key] = Path(meta[key]).name
+    for cell in nb.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.source = cell.source.rstrip()
     nbformat.write(nb, path)
 
 
@@ -62,7 +66,7 @@ def run(paths: list[Path], profile: str, out: Path | None) -> list[tuple[str, fl
             log_output=False,
         )
         seconds = time.perf_counter() - start
-        _relative_paths(target)
+        _tidy(target)
         timings.append((path.name, seconds))
         print(f"      done in {seconds:.0f} s", flush=True)
     return timings

@@ -53,6 +53,7 @@ LORA_TARGETS = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 META, LOG = "zoo.json", "train_log.json"
+PROXIMITY = 0.01  # a of gpt2-knowledge-prox, per counted token (TrainConfig.proximity)
 
 
 @dataclass(frozen=True)
@@ -434,7 +435,8 @@ class Spec:
 def specs(profile: str = "default") -> dict[str, Spec]:
     """Every model of the zoo at `profile`'s size, by name: ``gpt2-base``, ``llama-base``,
     ``gpt2-<task>-lora`` and ``gpt2-<task>-full`` per paper-B task, ``llama-emotion-lora``,
-    and ``gpt2-knowledge-full`` (paper A's QA fine-tune)."""
+    ``gpt2-knowledge-full`` (paper A's QA fine-tune) and ``gpt2-knowledge-prox`` (the same with
+    the proximity term of multi-stage influence, a = ``PROXIMITY``)."""
     from influence.lab.tasks import TASKS
 
     # d_model, layers, pre-training epochs, fine-tuning steps (full, LoRA), examples used
@@ -460,6 +462,12 @@ def specs(profile: str = "default") -> dict[str, Spec]:
                 continue
             cfg = TrainConfig(mode, steps=steps, lr=lr, limit=limit)
             out[f"{stem}-{mode}"] = Spec(f"{stem}-{mode}", cfg, base=base, task=task)
+    # Paper A's proximal full fine-tune (notebooks 09, 10): (a/2) ||th - th_pt||^2 with a per
+    # counted token; longer than gpt2-knowledge-full, so that it fits most training answers.
+    prox = TrainConfig("full", steps=pick(profile, smoke=8, default=400, paper=2000), lr=3e-3,
+                       proximity=PROXIMITY, limit=limit)  # fmt: skip
+    out["gpt2-knowledge-prox"] = Spec("gpt2-knowledge-prox", prox, base="gpt2-base",
+                                      task="knowledge")  # fmt: skip
     return out
 
 
