@@ -35,6 +35,7 @@ fit in memory for 1,200 training sequences.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -156,11 +157,9 @@ def task_scores(
     path = model_path(task, mode, seed, profile, loss_on, cache)
     model, tok = zoo.load_model(path), zoo.load_tokenizer(path)
     include = r"lora_[AB]" if mode == "lora" else full_layers
-    for p in model.parameters():  # peft loads adapters frozen; track only `include`
-        p.requires_grad_(True)
+    for name, p in model.named_parameters():  # peft loads adapters frozen; track `include`
+        p.requires_grad_(re.search(include, name) is not None)
     layers = find_layers(model, include=include)
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(name.startswith(f"{n}.") for n in layers))
 
     train_seconds, clock = time.perf_counter() - start, time.perf_counter()
     train = load_task(task, "train")
