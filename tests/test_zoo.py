@@ -176,3 +176,41 @@ def test_registry_names():
     assert specs["gpt2-emotion-lora"].base == "gpt2-base"
     with pytest.raises(ValueError, match="no model"):
         zoo.build("gpt5-base", "smoke")
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_checkpoints_replay_training(tok, tmp_path, mode):
+    base = zoo.pretrain(TINY, PRE, TEXTS, tok, cache=tmp_path)
+    plain = zoo.TrainConfig(mode, steps=4, lr=1e-2, batch_size=8)
+    saved = zoo.TrainConfig(**{**vars(plain), "checkpoints": (0, 2, 4)})
+    assert "checkpoints" not in plain.key() and saved.key()["checkpoints"] == (0, 2, 4)
+    path = zoo.finetune(base, EXAMPLES, saved)
+    assert zoo.checkpoints(path) == [0, 2, 4] and zoo.check(path) is None  # checksummed
+    batch = make_batch(tok, EXAMPLES[:3])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+    def logits(model):
+        with torch.no_grad():
+            return model(**inputs).logits
+
+    final, start = logits(zoo.load_model(path)), logits(zoo.load_checkpoint(path, 0))
+    assert torch.equal(logits(zoo.load_checkpoint(path, 4)), final)  # the last step = the model
+    assert torch.allclose(start, logits(zoo.load_model(base)))  # before training = the base
+    middle = logits(zoo.load_checkpoint(path, 2))
+    assert not torch.allclose(middle, final) and not torch.allclose(middle, start)
+    # Saving checkpoints does not change training: same weights as without them.
+    assert torch.equal(logits(zoo.load_model(zoo.finetune(base, EXAMPLES, plain))), final)
+    with pytest.raises(ValueError, match="no checkpoint at step 3"):
+        zoo.load_checkpoint(path, 3)
+    with pytest.raises(ValueError, match="checkpoints"):
+        zoo.TrainConfig(mode, steps=4, checkpoints=(5,))
+
+
+def test_load_model_trainable(tok, tmp_path):
+    base = zoo.pretrain(TINY, PRE, TEXTS, tok, cache=tmp_path)
+    lora = zoo.finetune(base, EXAMPLES, zoo.TrainConfig("lora", steps=2, batch_size=8))
+    model = zoo.load_model(lora, trainable=r"lora_B")
+    grads = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_B" in n for n in grads)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        zoo.load_model(lora, trainable=r"no_such_layer")

@@ -35,7 +35,6 @@ fit in memory for 1,200 training sequences.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,12 +93,21 @@ def select_queries(test: Sequence[dict], classes: Sequence, n_query: int | None)
 
 
 def model_path(
-    task: str, mode: str, seed: int, profile: str, loss_on: str = "response", cache=None
+    task: str,
+    mode: str,
+    seed: int,
+    profile: str,
+    loss_on: str = "response",
+    cache=None,
+    checkpoints: Sequence[int] = (),
 ) -> Path:
     """The zoo's ``gpt2-<task>-<mode>`` trained with another seed / loss (seed 0 = the zoo's
-    cached model); `cache`: the zoo folder (default ``zoo.CACHE``)."""
+    cached model), saving the weights after each step of `checkpoints`; `cache`: the zoo
+    folder (default ``zoo.CACHE``)."""
     spec = zoo.specs(profile)[f"gpt2-{task}-{mode}"]
-    cfg = dataclasses.replace(spec.train, seed=seed, loss_on=loss_on)
+    cfg = dataclasses.replace(
+        spec.train, seed=seed, loss_on=loss_on, checkpoints=tuple(checkpoints)
+    )
     name = spec.name if loss_on == "response" else f"{spec.name}-all"
     base = zoo.build(spec.base, profile, cache=Path(cache or zoo.CACHE))
     return zoo.finetune(base, task, cfg, name=name)
@@ -143,6 +151,8 @@ def task_scores(
     full_layers: str = FULL_LAYERS,
     batch_size: int = 32,
     cache: Path | None = None,
+    checkpoints: Sequence[int] = (),
+    step: int | None = None,
 ) -> TaskScores:
     """Every method's (Q, N) scores for the fine-tune of `task` (see the module docstring).
 
@@ -152,13 +162,17 @@ def task_scores(
     curv_examples: training sequences of the GGN (LiSSA, Exact); fit_examples: of EK-FAC's fit;
     both spread evenly over the training set. exact: a layer regex (e.g. ``EXACT_LAYERS``)
     for the exact rows, None skips them (a dense GGN costs P backward passes per token).
+    checkpoints, step: train the model saving these steps' weights and score the checkpoint
+    after `step` steps (None: the trained model).
     """
     start = time.perf_counter()
-    path = model_path(task, mode, seed, profile, loss_on, cache)
-    model, tok = zoo.load_model(path), zoo.load_tokenizer(path)
+    path = model_path(task, mode, seed, profile, loss_on, cache, checkpoints)
     include = r"lora_[AB]" if mode == "lora" else full_layers
-    for name, p in model.named_parameters():  # peft loads adapters frozen; track `include`
-        p.requires_grad_(re.search(include, name) is not None)
+    if step is None:
+        model = zoo.load_model(path, trainable=include)
+    else:
+        model = zoo.load_checkpoint(path, step, trainable=include)
+    tok = zoo.load_tokenizer(path)
     layers = find_layers(model, include=include)
 
     train_seconds, clock = time.perf_counter() - start, time.perf_counter()
@@ -213,7 +227,7 @@ def task_scores(
         lap("Exact (subset)")
 
     lengths = torch.cat([(b["labels"][:, 1:] != IGNORE).sum(1) for b in train_b]).numpy()
-    info = dict(path=path.name, params=train_flat.shape[1], layers=len(layers),
+    info = dict(path=path.name, step=step, params=train_flat.shape[1], layers=len(layers),
                 lissa_scale=scale, lissa_rate=1 - min(lam.values()) / scale,
                 queries=[ex["id"] for ex in tests], seconds={"model": train_seconds, **seconds})  # fmt: skip
     return TaskScores(

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from influence.io import load_tensors, save_tensors
 from influence.lab.notebook import ROOT, pick
 from influence.lab.tokenizer import _rel, collate, encode, texts_hash, tokenizer_hash
 from influence.lm import IGNORE, token_losses
@@ -115,6 +117,9 @@ class TrainConfig:
     lora_targets: tuple[str, ...] | None = None  # None: LORA_TARGETS[arch]
     proximity: float = 0.0  # a in (a/2)||th - th_pt||^2; full fine-tuning only
     limit: int | None = None  # train on the first `limit` examples only (smoke runs)
+    # Steps after which the trainable weights are saved (0 = before the first step), for
+    # analyses through training; load them with ``load_checkpoint``.
+    checkpoints: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -123,6 +128,17 @@ class TrainConfig:
             raise ValueError(f"proximity={self.proximity} needs mode='full', got {self.mode!r}")
         if self.steps is None and not self.epochs > 0:
             raise ValueError(f"epochs={self.epochs}; give epochs > 0 or steps")
+        if any(s < 0 or (self.steps is not None and s > self.steps) for s in self.checkpoints):
+            raise ValueError(f"checkpoints={self.checkpoints}; expected steps in 0..{self.steps}")
+
+    def key(self) -> dict:
+        """The fields that name the trained model; ``checkpoints`` only when set (they change
+        the folder's files, not the weights), so models cached before the field existed keep
+        their names."""
+        fields = asdict(self)
+        if not self.checkpoints:
+            del fields["checkpoints"]
+        return fields
 
 
 @contextlib.contextmanager
@@ -194,8 +210,13 @@ def _epoch(lengths: list[int], batch_size: int, gen: torch.Generator) -> list[li
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def _fit(model, encoded, cfg: TrainConfig, pad_id: int, desc: str) -> list[float]:
-    """Train `model` in place on `encoded` (token ids, labels); returns the loss per step."""
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}.safetensors"
+
+
+def _fit(model, encoded, cfg: TrainConfig, pad_id: int, desc: str):
+    """Train `model` in place on `encoded` (token ids, labels); returns the loss per step and
+    {step: trainable weights} after each step of ``cfg.checkpoints``."""
     n = len(encoded)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * math.ceil(n / cfg.batch_size)))
     warm = max(1, round(cfg.warmup * total))
@@ -209,6 +230,14 @@ def _fit(model, encoded, cfg: TrainConfig, pad_id: int, desc: str) -> list[float
     lengths = [len(ids) for ids, _ in encoded]
     queue: list[list[int]] = []
     losses = []
+    snapshots = {}
+
+    def snapshot(step):
+        if step in cfg.checkpoints:
+            snapshots[step] = {n: p.detach().clone() for n, p in model.named_parameters()
+                               if p.requires_grad}  # fmt: skip
+
+    snapshot(0)
     model.train()
     # A live bar in a terminal; in a notebook (no TTY) one line per model, from _train.
     for _ in tqdm(range(total), desc=desc, leave=False, mininterval=2.0, disable=None):
@@ -228,8 +257,9 @@ def _fit(model, encoded, cfg: TrainConfig, pad_id: int, desc: str) -> list[float
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        snapshot(len(losses))
     model.eval()
-    return losses
+    return losses, snapshots
 
 
 def _write(path: Path, save, meta: dict, losses: list[float]) -> Path:
@@ -262,7 +292,7 @@ def _train(path: Path, model, tokenizer, examples, cfg: TrainConfig, max_len: in
     """Train `model` on `examples`, save it with tokenizer, log and metadata; returns `path`."""
     encoded = encode(tokenizer, examples, cfg.loss_on, max_len)
     start = time.perf_counter()
-    losses = _fit(model, encoded, cfg, tokenizer.pad_token_id, desc=meta["name"])
+    losses, snapshots = _fit(model, encoded, cfg, tokenizer.pad_token_id, desc=meta["name"])
     seconds = time.perf_counter() - start
     print(f"zoo: trained {meta['name']} ({len(losses)} steps, {seconds:.0f} s, final loss "
           f"{losses[-1]:.3f})", flush=True)  # fmt: skip
@@ -278,6 +308,8 @@ def _train(path: Path, model, tokenizer, examples, cfg: TrainConfig, max_len: in
         else:
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for step, weights in snapshots.items():
+            save_tensors(tmp / checkpoint_name(step), weights, {"step": step})
 
     return _write(path, save, meta, losses)
 
@@ -298,7 +330,7 @@ def pretrain(
 
         tokenizer = load_tokenizer()
     texts = list(texts)[: train_cfg.limit]
-    key = _hash(asdict(model_cfg), asdict(train_cfg), texts_hash(texts), tokenizer_hash(tokenizer))
+    key = _hash(asdict(model_cfg), train_cfg.key(), texts_hash(texts), tokenizer_hash(tokenizer))
     path = Path(cache) / f"{name}-{key}"
     if _cached(path):
         return path
@@ -340,7 +372,7 @@ def finetune(
     label = task if isinstance(task, str) else "custom"
     name = name or f"{base_path.name.rsplit('-', 1)[0]}-{label}-{train_cfg.mode}"
     data = texts_hash(json.dumps(ex, sort_keys=True) for ex in examples)
-    key = _hash(base_path.name, asdict(train_cfg), data)  # the base name holds its own hash
+    key = _hash(base_path.name, train_cfg.key(), data)  # the base name holds its own hash
     path = (base_path.parent if cache is None else Path(cache)) / f"{name}-{key}"
     if _cached(path):
         return path
@@ -366,12 +398,14 @@ def finetune(
     return _train(path, model, tokenizer, examples, train_cfg, max_len, meta)
 
 
-def load_model(path: Path):
+def load_model(path: Path, trainable: str | None = None):
     """The model at `path` in eval mode: ``AutoModelForCausalLM.from_pretrained``, or for a LoRA
     fine-tune its base wrapped by ``PeftModel.from_pretrained(base, path)`` (adapters unmerged).
 
     A zoo folder is checked first (clear error if damaged); any other path, e.g. a Hugging Face
-    checkpoint, is passed to ``from_pretrained`` as is.
+    checkpoint, is passed to ``from_pretrained`` as is. `trainable`: a regex; exactly the
+    parameters whose names match it require gradients (peft loads adapters frozen), e.g.
+    ``r"lora_[AB]"`` before ``modules.find_layers(model, include=...)``.
     """
     path = Path(path)
     if (path / META).exists():
@@ -386,12 +420,38 @@ def load_model(path: Path):
             model = PeftModel.from_pretrained(load_model(path.parent / base), str(path))
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path))
+    if trainable is not None:
+        matched = [p.requires_grad_(re.search(trainable, n) is not None) for n, p in
+                   model.named_parameters()]  # fmt: skip
+        if not any(p.requires_grad for p in matched):
+            raise ValueError(f"trainable={trainable!r} matches no parameter of {_rel(path)}")
     return model.eval()
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     """The tokenizer saved with the model at `path`."""
     return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def checkpoints(path: Path) -> list[int]:
+    """The steps saved in the model at `path` (``TrainConfig.checkpoints``), ascending."""
+    return sorted(int(p.name[5:11]) for p in Path(path).glob("step-*.safetensors"))
+
+
+def load_checkpoint(path: Path, step: int, trainable: str | None = None):
+    """The model at `path` with its trainable weights as they were after `step` training steps
+    (0: before training), in eval mode; `trainable` as in ``load_model``."""
+    if step not in checkpoints(path):
+        raise ValueError(f"{_rel(Path(path))} has no checkpoint at step {step}; saved steps: "
+                         f"{checkpoints(path)} (TrainConfig.checkpoints)")  # fmt: skip
+    model = load_model(path, trainable)
+    weights, _ = load_tensors(Path(path) / checkpoint_name(step))
+    missing = set(weights) - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise ValueError(f"checkpoint {step} of {_rel(Path(path))} names unknown weights: "
+                         f"{sorted(missing)[:3]}")  # fmt: skip
+    model.load_state_dict(weights, strict=False)
+    return model
 
 
 def metadata(path: Path) -> dict:
