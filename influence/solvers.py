@@ -166,6 +166,50 @@ class Exact:
         return unflatten(out.to(like), self.shapes)
 
 
+@dataclass
+class LowRank:
+    """Exact (F + lam I)^{-1} v for a low-rank curvature F = (1/n) sum_i u_i u_i^T, any P.
+
+    ``rows``: the n vectors u_i ({layer: (n, d_out, d_in')}): per-example training gradients
+    (F = the empirical Fisher, DataInf's matrix, exactly inverted), gradients with labels drawn
+    from the model (a Monte-Carlo true Fisher), or the columns of ``GGN.jacobian`` (the GGN).
+    With U = (n, P) and the Woodbury identity,
+        (U^T U / n + lam I)^{-1} v = (v - U^T (n lam I + U U^T)^{-1} U v) / lam,
+    one (n, n) eigendecomposition U U^T = W diag(s) W^T serves every damping (``with_damping``).
+    ``eigenvalues`` are F's nonzero spectrum s / n (the other P - n are 0). Damping: one float
+    for all layers (a per-layer damping breaks the shared eigenbasis). Memory n P; O(n^2 P).
+    """
+
+    rows: LayerGrads
+    damping: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.damping, (int, float)) or not self.damping > 0:
+            raise ValueError(f"LowRank needs one damping > 0 (a float), got {self.damping!r}")
+        self.shapes = {name: tuple(g.shape[1:]) for name, g in self.rows.items()}
+        self.u = flatten(self.rows).double()  # (n, P)
+        if not torch.isfinite(self.u).all():
+            raise ValueError("rows hold NaN or inf: check the gradients")
+        s, self.w = torch.linalg.eigh(self.u @ self.u.T)
+        self.eigenvalues = s.clamp(min=0).flip(0) / len(s)  # descending
+
+    def with_damping(self, damping: float) -> LowRank:
+        out = copy.copy(self)
+        out.damping = damping
+        if not isinstance(damping, (int, float)) or not damping > 0:
+            raise ValueError(f"LowRank needs one damping > 0 (a float), got {damping!r}")
+        return out
+
+    def ihvp(self, v: LayerGrads) -> LayerGrads:
+        x = _flat(v, self.shapes).to(self.u)  # (Q, P)
+        n, lam = self.u.shape[0], self.damping
+        s = (self.eigenvalues.flip(0) * n).to(self.u)  # ascending, as self.w
+        coef = ((x @ self.u.T) @ self.w) / (n * lam + s)  # (Q, n) in the eigenbasis
+        out = (x - (coef @ self.w.T) @ self.u) / lam
+        like = next(iter(v.values()))
+        return unflatten(out.to(like), self.shapes)
+
+
 def datainf_damping(train_grads: LayerGrads, lambda_const: float = 10.0) -> dict[str, float]:
     """DataInf's per-layer damping: lam_l = mean_i mean_j (g_ij^2) / lambda_const.
 

@@ -17,6 +17,7 @@ from influence.solvers import (
     Identity,
     LiSSA,
     LiSSAAsPublished,
+    LowRank,
     datainf_damping,
     largest_eigenvalue,
     lissa_depth,
@@ -314,3 +315,42 @@ def test_callbacks_see_every_iterate(problem):
     out = LiSSA(ggn, damping=1e-3, scale=0.2, depth=5, callback=record).ihvp(v)
     assert sorted(seen) == [1, 2, 3, 4, 5] and rel_err(seen[5], out) < 1e-12
     assert rel_err(seen[3], LiSSA(ggn, damping=1e-3, scale=0.2, depth=3).ihvp(v)) < 1e-12
+
+
+def test_low_rank_is_the_exact_inverse_of_the_empirical_fisher(problem):
+    model, layers, train, ggn, _, v = problem
+    grads = per_example_grads(model, layers, train)  # 6 rows, P = 256
+    fisher = ggn.empirical_fisher_dense()
+    p = fisher.shape[0]
+    for lam in (1e-3, 0.1, 10.0):
+        solver = LowRank(grads, lam)
+        assert (
+            rel_err(
+                solver.ihvp(v),
+                solve(fisher, torch.full((p,), lam, dtype=torch.float64), v, ggn.shapes),
+            )
+            < 1e-9
+        )
+    again = LowRank(grads, 1.0).with_damping(1e-2)
+    assert rel_err(again.ihvp(v), LowRank(grads, 1e-2).ihvp(v)) < 1e-12
+    top = torch.linalg.eigvalsh(fisher).flip(0)[: len(solver.eigenvalues)]
+    assert torch.allclose(solver.eigenvalues, top, atol=1e-10 * top[0])
+    with pytest.raises(ValueError, match="one damping > 0"):
+        LowRank(grads, {n: 0.1 for n in grads})
+    with pytest.raises(ValueError, match="NaN"):
+        LowRank({n: g * float("nan") for n, g in grads.items()}, 0.1)
+
+
+def test_low_rank_on_ggn_jacobian_columns_inverts_the_ggn(problem):
+    # G = (1/N) A A^T with A = GGN.jacobian (P, C): rows u = sqrt(C / N) A^T give (1/C) U^T U = G.
+    _, _, train, ggn, dense, v = problem
+    a = ggn.jacobian(train, "forward")  # (P, C)
+    rows = ggn.unflatten((a.T * (a.shape[1] / ggn.num_sequences) ** 0.5).contiguous())
+    p = dense.shape[0]
+    solver = LowRank(rows, 0.05)
+    assert (
+        rel_err(
+            solver.ihvp(v), solve(dense, torch.full((p,), 0.05, dtype=torch.float64), v, ggn.shapes)
+        )
+        < 1e-9
+    )

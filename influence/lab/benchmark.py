@@ -228,6 +228,7 @@ def task_scores(
 
     lengths = torch.cat([(b["labels"][:, 1:] != IGNORE).sum(1) for b in train_b]).numpy()
     info = dict(path=path.name, step=step, params=train_flat.shape[1], layers=len(layers),
+                mean_grad_norm=float(train_flat.mean(0).norm()),  # |grad of the mean loss|
                 lissa_scale=scale, lissa_rate=1 - min(lam.values()) / scale,
                 queries=[ex["id"] for ex in tests], seconds={"model": train_seconds, **seconds})  # fmt: skip
     return TaskScores(
