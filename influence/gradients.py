@@ -142,10 +142,17 @@ def collect_grads(
     layers: dict[str, nn.Module],
     batches: Iterable[dict[str, torch.Tensor]],
     progress: bool = True,
+    fisher: str = "empirical",
+    seed: int = 0,
 ) -> LayerGrads:
-    """Per-example gradients of every sequence in ``batches``, concatenated: (N, d_out, d_in')."""
+    """Per-example gradients of every sequence in ``batches``, concatenated: (N, d_out, d_in').
+
+    ``fisher="true"``: with the counted labels drawn from the model (seeded as
+    ``iter_captures``), the gradients whose outer products average to the true Fisher.
+    """
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    for cap in iter_captures(model, layers, batches, progress=progress, desc="per-example grads"):
+    captures = iter_captures(model, layers, batches, fisher, seed, progress, "per-example grads")
+    for cap in captures:
         for name in layers:
             chunks[name].append(grads_from_pairs(cap.a[name], cap.g[name]))
     return {name: torch.cat(parts) for name, parts in chunks.items()}

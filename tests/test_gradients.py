@@ -95,6 +95,19 @@ def test_true_fisher_grads_use_the_sampled_labels(llama, batch):
         torch.testing.assert_close(got, expected[name], rtol=1e-10, atol=1e-12)
 
 
+def test_collect_grads_with_sampled_labels(llama, batch):
+    # Per sequence, the gradient of the loss on the labels drawn with the seed of batch 0.
+    layers = find_layers(llama, include="mlp")
+    got = collect_grads(llama, layers, [batch], progress=False, fisher="true", seed=5)
+    logits = llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = sample_labels(logits, batch["labels"], torch.Generator().manual_seed(5 * 1_000_003))
+    for row in range(batch["input_ids"].shape[0]):
+        one = {k: v[row : row + 1] for k, v in {**batch, "labels": labels}.items()}
+        expected = autograd_grads(llama, layers, one)
+        for name in layers:
+            torch.testing.assert_close(got[name][row], expected[name], rtol=1e-10, atol=1e-12)
+
+
 def test_unknown_fisher_is_an_error(gpt2, batch):
     with pytest.raises(ValueError, match="'exact'"):
         capture(gpt2, find_layers(gpt2), batch, fisher="exact")
