@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from influence.gradients import collect_grads
 from influence.lab import benchmark, zoo
 from influence.lab.tasks import load_task
-from influence.lab.tokenizer import make_batch
+from influence.lab.tokenizer import make_batch, make_batches
 from influence.lm import sequence_losses
+from influence.modules import find_layers, flatten
 
 TASK = "mixeds"  # 40 training examples, 2 classes
 
@@ -55,6 +57,28 @@ def test_identity_scores_are_gradient_dot_products(result):
     assert gap < 0.05, gap
 
 
+def test_exact_is_a_dense_solve_of_the_sampled_fisher(result):
+    # Exact = g_q^T (F + lam I)^{-1} g_z with F = (1/N) sum_i s_i s_i^T over the sampled-label
+    # gradients of all N training sequences, lam = 0.1 tr(F) / P: checked by a dense solve.
+    out, cache = result
+    path = benchmark.model_path(TASK, "lora", 0, "smoke", cache=cache)
+    model, tok = zoo.load_model(path, trainable="lora_"), zoo.load_tokenizer(path)
+    layers = find_layers(model, include="lora_")
+    train = make_batches(tok, load_task(TASK, "train"), 32)
+    queries = [ex for ex in load_task(TASK, "test") if ex["id"] in out.info["queries"]]
+    s = flatten(collect_grads(model, layers, train, False, fisher="true", seed=0)).double()
+    t = flatten(collect_grads(model, layers, train, False)).double()
+    q = flatten(collect_grads(model, layers, make_batches(tok, queries, 32), False)).double()
+    fisher = s.T @ s / len(s)
+    lam = 0.1 * fisher.trace() / len(fisher)
+    eye = torch.eye(len(fisher), dtype=torch.float64)
+    expected = (torch.linalg.solve(fisher + lam * eye, q.T).T @ t.T).numpy()
+    np.testing.assert_allclose(
+        out.scores["Exact"], expected, rtol=1e-6, atol=1e-9 * abs(expected).max()
+    )
+    assert not np.allclose(out.scores["Exact"], out.scores["Gradient dot"] / lam.item(), rtol=0.1)
+
+
 def test_shapes_labels_and_queries_line_up(result):
     out, _ = result
     train, test = load_task(TASK, "train"), load_task(TASK, "test")
@@ -62,7 +86,7 @@ def test_shapes_labels_and_queries_line_up(result):
     by_id = {ex["id"]: ex["label"] for ex in test}
     assert out.query_labels.tolist() == [by_id[i] for i in out.info["queries"]]
     assert len(out.query_labels) == 6
-    assert set(out.scores) == set(benchmark.METHODS) - {"Exact (subset)", "Gradient dot (subset)"}
+    assert set(out.scores) == set(benchmark.METHODS)
     for name, s in out.scores.items():
         assert s.shape == (6, len(train)), name
         assert np.isfinite(s).all(), name

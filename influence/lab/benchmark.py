@@ -16,13 +16,14 @@ Methods (names are the keys of ``TaskScores.scores``):
   1.1 x lambda_max(G) + lambda, ``lissa_depth`` minibatch steps of ``lissa_batch`` sequences.
 - ``EK-FAC``: ``curvature.fit_ekfac`` on the training set (true Fisher), damping 0.1 x the mean
   eigenvalue per layer.
+- ``Exact``: the exact inverse of the true Fisher of the whole training set, estimated with
+  one label draw per sequence from the model (``collect_grads(fisher="true")``): the matrix
+  EK-FAC approximates, without its Kronecker factors, its eigenvalue fit or its blocks, inverted
+  by ``solvers.LowRank`` (Woodbury: rank <= N, exact for any number of parameters). Damping
+  0.1 x its mean eigenvalue tr(F) / P, one value for all layers.
 - ``LiSSA as published``: ``solvers.LiSSAAsPublished`` (paper B's code: ~4 x gradient dot).
-- ``Exact (subset)`` and ``Gradient dot (subset)`` when ``exact`` names a small set of layers:
-  the dense damped GGN of those layers on the curvature sequences, inverted exactly
-  (``ggn.GGN.dense(mode="reverse")`` + ``solvers.Exact``), and the gradient dot product on the
-  same layers for an apples-to-apples comparison.
 
-Damping. DataInf, LiSSA and Exact share DataInf's per-layer damping lambda_l = 0.1 x
+Damping. DataInf and LiSSA share DataInf's per-layer damping lambda_l = 0.1 x
 mean_i |g_i|^2 / D_l (0.1 x the mean eigenvalue of the layer's empirical Fisher); EK-FAC uses
 0.1 x the mean of its own eigenvalues, the same rule on its Fisher estimate.
 
@@ -55,10 +56,9 @@ from influence.lm import IGNORE
 from influence.modules import LayerGrads, find_layers, flatten
 
 FULL_LAYERS = r"attn\.c_attn"  # tracked block layers under full fine-tuning
-EXACT_LAYERS = r"attn\.c_attn\.lora_A"  # a small LoRA subset (2 x 8 x 128 = 2,048 parameters)
 METHODS = (
-    "RepSim", "Gradient cosine", "Gradient dot", "DataInf", "LiSSA", "EK-FAC",
-    "LiSSA as published", "Exact (subset)", "Gradient dot (subset)",
+    "RepSim", "Gradient cosine", "Gradient dot", "DataInf", "LiSSA", "EK-FAC", "Exact",
+    "LiSSA as published",
 )  # fmt: skip
 
 
@@ -129,7 +129,7 @@ def _prompt_batches(tok, examples, batch_size) -> list[dict]:
     return batches
 
 
-def _spread(examples: Sequence[dict], n: int) -> list[dict]:
+def spread(examples: Sequence[dict], n: int) -> list[dict]:
     """`n` examples evenly spread over the list (every class when the list is grouped)."""
     return list(examples[:: max(1, len(examples) // n)][:n])
 
@@ -147,7 +147,6 @@ def task_scores(
     fit_examples: int = 128,
     lissa_depth: int = 8,
     lissa_batch: int = 2,
-    exact: str | None = None,
     full_layers: str = FULL_LAYERS,
     batch_size: int = 32,
     cache: Path | None = None,
@@ -159,9 +158,8 @@ def task_scores(
     loss_on: the loss of training *and* of the gradients ("response" or paper B's "all").
     n_query: queries (test examples whose class is in training, or in `query_classes` when
     given; classes interleaved).
-    curv_examples: training sequences of the GGN (LiSSA, Exact); fit_examples: of EK-FAC's fit;
-    both spread evenly over the training set. exact: a layer regex (e.g. ``EXACT_LAYERS``)
-    for the exact rows, None skips them (a dense GGN costs P backward passes per token).
+    curv_examples: training sequences of the GGN (LiSSA); fit_examples: of EK-FAC's fit;
+    both spread evenly over the training set.
     checkpoints, step: train the model saving these steps' weights and score the checkpoint
     after `step` steps (None: the trained model).
     """
@@ -181,8 +179,8 @@ def task_scores(
     tests = select_queries(load_task(task, "test"), classes, n_query)
     train_b = make_batches(tok, train, batch_size, loss_on=loss_on)
     query_b = make_batches(tok, tests, batch_size, loss_on=loss_on)
-    curv_b = make_batches(tok, _spread(train, curv_examples), lissa_batch, loss_on=loss_on)
-    fit_b = make_batches(tok, _spread(train, fit_examples), batch_size, loss_on=loss_on)
+    curv_b = make_batches(tok, spread(train, curv_examples), lissa_batch, loss_on=loss_on)
+    fit_b = make_batches(tok, spread(train, fit_examples), batch_size, loss_on=loss_on)
     train_g = collect_grads(model, layers, train_b, progress=False)  # {l: (N, o, i)}
     query_g = collect_grads(model, layers, query_b, progress=False)  # {l: (Q, o, i)}
     train_flat = flatten(train_g).double()  # (N, P)
@@ -212,19 +210,16 @@ def task_scores(
     ekfac = fit_ekfac(model, fit_b, layers, seed=seed, progress=False)
     scores["EK-FAC"] = _scores(ekfac.ihvp(query_g), train_flat)
     lap("EK-FAC")
+    sampled = collect_grads(model, layers, train_b, progress=False, fisher="true", seed=seed)
+    fisher = solvers.LowRank(sampled, 1.0)
+    del sampled
+    exact = fisher.with_damping(0.1 * float(fisher.eigenvalues.sum()) / train_flat.shape[1])
+    scores["Exact"] = _scores(exact.ihvp(query_g), train_flat)
+    del fisher, exact
+    lap("Exact")
     published = solvers.LiSSAAsPublished(train_g)
     scores["LiSSA as published"] = _scores(published.ihvp(query_g), train_flat)
     lap("LiSSA as published")
-    if exact is not None:
-        sub = find_layers(model, include=exact)
-        sub_q, sub_t = {n: query_g[n] for n in sub}, {n: train_g[n] for n in sub}
-        ggn_sub = GGN(model, sub, curv_b)
-        solver = solvers.Exact(ggn_sub.dense(mode="reverse"), ggn_sub.shapes,
-                               damping={n: lam[n] for n in sub})  # fmt: skip
-        sub_flat = flatten(sub_t).double()
-        scores["Exact (subset)"] = _scores(solver.ihvp(sub_q), sub_flat)
-        scores["Gradient dot (subset)"] = _scores(sub_q, sub_flat)
-        lap("Exact (subset)")
 
     lengths = torch.cat([(b["labels"][:, 1:] != IGNORE).sum(1) for b in train_b]).numpy()
     info = dict(path=path.name, step=step, params=train_flat.shape[1], layers=len(layers),

@@ -88,7 +88,8 @@ def figure(height: float = 4.0, ncols: int = 1, nrows: int = 1, **kwargs):
 def savefig(fig, notebook: str, name: str) -> Path:
     """Save `fig` as PNG and PDF under ``figures/<notebook>/<name>``; returns the PNG path."""
     out = figure_dir(notebook) / name
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # e.g. figure(layout="constrained") lays itself out
+        fig.tight_layout()
     # Fixed metadata keeps committed PDFs byte-stable across runs.
     fig.savefig(out.with_suffix(".pdf"), metadata={"CreationDate": None, "ModDate": None})
     fig.savefig(out.with_suffix(".png"), metadata={"Software": None})
