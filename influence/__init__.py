@@ -7,7 +7,7 @@
 
 Modules: ``modules`` (layers, canonical layout, hooks), ``gradients`` (per-example gradients),
 ``curvature`` (EK-FAC, K-FAC), ``ggn`` (exact Gauss-Newton oracle and products), ``solvers``
-(identity, DataInf, LiSSA, CG, exact), ``scores``, ``multistage`` (pre-training ->
+(identity, DataInf, LiSSA, CG, exact dense, exact low-rank), ``scores``, ``multistage`` (pre-training ->
 fine-tuning, paper A), ``baselines`` (RepSim, gradient cosine, BM25), ``io``.
 """
 
@@ -29,7 +29,7 @@ from influence.multistage import (
     single_stage_scores,
 )
 from influence.scores import pairwise_scores, self_influence, token_scores
-from influence.solvers import CG, DataInf, Exact, Identity, LiSSA, relative_damping
+from influence.solvers import CG, DataInf, Exact, Identity, LiSSA, LowRank, relative_damping
 
 __all__ = [
     "CG",
@@ -40,6 +40,7 @@ __all__ = [
     "Exact",
     "Identity",
     "LiSSA",
+    "LowRank",
     "MultiStageConfig",
     "bm25_scores",
     "collect_grads",
