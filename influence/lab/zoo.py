@@ -210,7 +210,7 @@ def _epoch(lengths: list[int], batch_size: int, gen: torch.Generator) -> list[li
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def checkpoint_name(step: int) -> str:
+def _checkpoint_file(step: int) -> str:
     return f"step-{step:06d}.safetensors"
 
 
@@ -309,7 +309,7 @@ def _train(path: Path, model, tokenizer, examples, cfg: TrainConfig, max_len: in
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for step, weights in snapshots.items():
-            save_tensors(tmp / checkpoint_name(step), weights, {"step": step})
+            save_tensors(tmp / _checkpoint_file(step), weights, {"step": step})
 
     return _write(path, save, meta, losses)
 
@@ -445,7 +445,7 @@ def load_checkpoint(path: Path, step: int, trainable: str | None = None):
         raise ValueError(f"{_rel(Path(path))} has no checkpoint at step {step}; saved steps: "
                          f"{checkpoints(path)} (TrainConfig.checkpoints)")  # fmt: skip
     model = load_model(path, trainable)
-    weights, _ = load_tensors(Path(path) / checkpoint_name(step))
+    weights, _ = load_tensors(Path(path) / _checkpoint_file(step))
     missing = set(weights) - {n for n, _ in model.named_parameters()}
     if missing:
         raise ValueError(f"checkpoint {step} of {_rel(Path(path))} names unknown weights: "
