@@ -214,3 +214,11 @@ def test_load_model_trainable(tok, tmp_path):
     assert grads and all("lora_B" in n for n in grads)
     with pytest.raises(ValueError, match="matches no parameter"):
         zoo.load_model(lora, trainable=r"no_such_layer")
+
+
+def test_default_finetune_name_is_the_registrys(tmp_path):
+    # zoo.finetune without name= names the folder as zoo.build does: one cache entry, not two.
+    smoke = zoo.specs("smoke")
+    base = zoo.build("gpt2-base", "smoke", cache=tmp_path)
+    spec = smoke["gpt2-emotion-full"]
+    assert zoo.finetune(base, "emotion", spec.train) == zoo.build(spec.name, "smoke", tmp_path)

@@ -370,7 +370,10 @@ def finetune(
         raise ValueError(f"base model {_rel(base_path)} is unusable ({reason}); rebuild it first")
     examples = (task_examples(task) if isinstance(task, str) else task)[: train_cfg.limit]
     label = task if isinstance(task, str) else "custom"
-    name = name or f"{base_path.name.rsplit('-', 1)[0]}-{label}-{train_cfg.mode}"
+    # Default: the registry's name, "gpt2-<task>-<mode>" for base "gpt2-base-<hash>", so the
+    # same fine-tune is cached once whichever way it is asked for.
+    stem = base_path.name.rsplit("-", 1)[0].removesuffix("-base")
+    name = name or f"{stem}-{label}-{train_cfg.mode}"
     data = texts_hash(json.dumps(ex, sort_keys=True) for ex in examples)
     key = _hash(base_path.name, train_cfg.key(), data)  # the base name holds its own hash
     path = (base_path.parent if cache is None else Path(cache)) / f"{name}-{key}"
