@@ -15,18 +15,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 reproduce: $(STAMP)  ## execute every notebook in place at the default profile
-	$(PY) -m influence.lab.runner --profile default
+	$(PY) -m influence.lab.runner --profile default --jobs $(JOBS)
 
 test: unit nbval  ## unit tests, then nbval re-executing every committed notebook
 
 unit: $(STAMP)
 	$(PY) -m pytest tests -q
 
-nbval: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout=3000 notebooks
+# Notebooks executed at once: each computes on one thread (influence.lab.notebook.setup).
+JOBS ?= 2
+
+nbval: $(STAMP)  ## re-execute every notebook, JOBS at a time, and check the marked cells
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout=3000 \
+		-n $(JOBS) --dist loadfile notebooks
 
 smoke: $(STAMP)  ## every notebook at the smoke profile, into a temporary folder
-	$(PY) -m influence.lab.runner --profile smoke --out $$(mktemp -d)
+	$(PY) -m influence.lab.runner --profile smoke --jobs $(JOBS) --out $$(mktemp -d)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from influence.lab.notebook import PROFILES, ROOT
@@ -45,31 +46,43 @@ def _tidy(path: Path) -> None:
     nbformat.write(nb, path)
 
 
-def run(paths: list[Path], profile: str, out: Path | None) -> list[tuple[str, float]]:
+def _execute(path: Path, target: Path, profile: str, progress: bool) -> float:
+    """Execute one notebook with papermill into `target`; returns its wall time in seconds."""
     import papermill
 
+    start = time.perf_counter()
+    papermill.execute_notebook(
+        str(path),
+        str(target),
+        parameters={"PROFILE": profile},
+        kernel_name="python3",
+        cwd=str(NOTEBOOKS),
+        progress_bar=progress,
+        log_output=False,
+    )
+    _tidy(target)
+    return time.perf_counter() - start
+
+
+def run(
+    paths: list[Path], profile: str, out: Path | None, jobs: int = 1
+) -> list[tuple[str, float]]:
+    """Execute `paths`, `jobs` at a time (each kernel computes on one thread, so one job per
+    core; the zoo's cache is safe when two notebooks train the same model)."""
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         os.environ["INFLUENCE_FIGURES"] = str(out.resolve() / "figures")  # inherited by kernels
-    timings = []
-    for i, path in enumerate(paths, 1):
-        target = path if out is None else out / path.name
+    progress = jobs == 1 and sys.stderr.isatty()
+
+    def one(item: tuple[int, Path]) -> tuple[str, float]:
+        i, path = item
         print(f"[{i}/{len(paths)}] {path.name}  profile={profile}", flush=True)
-        start = time.perf_counter()
-        papermill.execute_notebook(
-            str(path),
-            str(target),
-            parameters={"PROFILE": profile},
-            kernel_name="python3",
-            cwd=str(NOTEBOOKS),
-            progress_bar=sys.stderr.isatty(),
-            log_output=False,
-        )
-        seconds = time.perf_counter() - start
-        _tidy(target)
-        timings.append((path.name, seconds))
-        print(f"      done in {seconds:.0f} s", flush=True)
-    return timings
+        seconds = _execute(path, path if out is None else out / path.name, profile, progress)
+        print(f"      {path.name} done in {seconds:.0f} s", flush=True)
+        return path.name, seconds
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, enumerate(paths, 1)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,10 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("names", nargs="*", help="notebook names or prefixes (default: all)")
     parser.add_argument("--profile", default="default", choices=PROFILES)
     parser.add_argument("--out", type=Path, default=None, help="write executed copies here")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="notebooks executed at once (default: 2, or 1 on one core)")  # fmt: skip
     args = parser.parse_args(argv)
-    timings = run(notebooks(args.names), args.profile, args.out)
-    total = sum(s for _, s in timings)
-    print(f"all {len(timings)} notebooks done in {total / 60:.1f} min")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs={args.jobs}; expected >= 1")
+    start = time.perf_counter()
+    timings = run(notebooks(args.names), args.profile, args.out, args.jobs)
+    print(f"all {len(timings)} notebooks done in {(time.perf_counter() - start) / 60:.1f} min "
+          f"({sum(s for _, s in timings) / 60:.1f} min of notebook time, {args.jobs} at once)")  # fmt: skip
 
 
 if __name__ == "__main__":
