@@ -184,8 +184,7 @@ class LowRank:
     damping: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.damping, (int, float)) or not self.damping > 0:
-            raise ValueError(f"LowRank needs one damping > 0 (a float), got {self.damping!r}")
+        self._check(self.damping)
         self.shapes = {name: tuple(g.shape[1:]) for name, g in self.rows.items()}
         self.u = flatten(self.rows).double()  # (n, P)
         if not torch.isfinite(self.u).all():
@@ -193,11 +192,16 @@ class LowRank:
         s, self.w = torch.linalg.eigh(self.u @ self.u.T)
         self.eigenvalues = s.clamp(min=0).flip(0) / len(s)  # descending
 
-    def with_damping(self, damping: float) -> LowRank:
-        out = copy.copy(self)
-        out.damping = damping
+    @staticmethod
+    def _check(damping) -> None:
         if not isinstance(damping, (int, float)) or not damping > 0:
             raise ValueError(f"LowRank needs one damping > 0 (a float), got {damping!r}")
+
+    def with_damping(self, damping: float) -> LowRank:
+        """The same matrix with another damping (no new eigendecomposition)."""
+        self._check(damping)
+        out = copy.copy(self)
+        out.damping = damping
         return out
 
     def ihvp(self, v: LayerGrads) -> LayerGrads:

@@ -233,17 +233,20 @@ def task_scores(
     )  # fmt: skip
 
 
+def _kept(run: TaskScores, labels: Sequence | None) -> np.ndarray:
+    """(Q,) mask of the queries whose class is in `labels` (None: all)."""
+    if labels is None:
+        return np.ones(len(run.query_labels), bool)
+    return np.isin(run.query_labels, labels)
+
+
 def evaluate(runs: Sequence[TaskScores], labels: Sequence | None = None, **kwargs) -> dict:
     """{method: {metric: {"mean", "lo", "hi"}}} over the seeds in `runs` (one task, one mode):
     ``attribution.rank_metrics`` per seed, then ``attribution.summarize``. `labels`: keep only
     the queries of these classes (k stays floor(N / n_classes), as paper B)."""
     per_method: dict[str, list] = {}
     for run in runs:
-        keep = (
-            np.ones(len(run.query_labels), bool)
-            if labels is None
-            else np.isin(run.query_labels, labels)
-        )
+        keep = _kept(run, labels)
         for method, s in run.scores.items():
             m = attribution.rank_metrics(
                 s[keep], run.train_labels, run.query_labels[keep], **kwargs
@@ -258,12 +261,7 @@ def norm_outliers(run: TaskScores, method: str, labels: Sequence | None = None) 
     top-1; ``norm_corr``, the Spearman correlation of the training gradient norms with the mean
     score over queries; ``top1_norm_pct``, the mean percentile (0-100) of the top-1 examples'
     gradient norms (50 = no preference for large gradients)."""
-    keep = (
-        np.ones(len(run.query_labels), bool)
-        if labels is None
-        else np.isin(run.query_labels, labels)
-    )
-    scores = run.scores[method][keep]
+    scores = run.scores[method][_kept(run, labels)]
     top1 = scores.argmax(1)  # (Q,)
     pct = 100 * stats.rankdata(run.train_grad_norms)[top1] / len(run.train_grad_norms)
     return dict(

@@ -424,9 +424,9 @@ def load_model(path: Path, trainable: str | None = None):
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path))
     if trainable is not None:
-        matched = [p.requires_grad_(re.search(trainable, n) is not None) for n, p in
-                   model.named_parameters()]  # fmt: skip
-        if not any(p.requires_grad for p in matched):
+        for name, param in model.named_parameters():
+            param.requires_grad_(re.search(trainable, name) is not None)
+        if not any(param.requires_grad for param in model.parameters()):
             raise ValueError(f"trainable={trainable!r} matches no parameter of {_rel(path)}")
     return model.eval()
 
@@ -438,7 +438,7 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
 
 def checkpoints(path: Path) -> list[int]:
     """The steps saved in the model at `path` (``TrainConfig.checkpoints``), ascending."""
-    return sorted(int(p.name[5:11]) for p in Path(path).glob("step-*.safetensors"))
+    return sorted(int(p.stem.removeprefix("step-")) for p in Path(path).glob("step-*.safetensors"))
 
 
 def load_checkpoint(path: Path, step: int, trainable: str | None = None):
