@@ -11,6 +11,7 @@ from influence.lab.attribution import (
     group_means,
     paper_table,
     rank_metrics,
+    row_spearman,
     summarize,
     tidy,
 )
@@ -236,3 +237,16 @@ def test_tidy_and_paper_table():
     assert t.loc["RepSim", ("backdoor", "accuracy")] == ""  # not run
     with pytest.raises(ValueError, match="no metric"):
         paper_table(RESULTS, metrics=("mrr",))
+
+
+def test_row_spearman_equals_scipy_per_row():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 30))
+    b = a + rng.normal(size=(5, 30))
+    b[0, :3] = b[0, 3]  # ties get average ranks
+    expected = [spearmanr(x, y)[0] for x, y in zip(a, b, strict=True)]
+    np.testing.assert_allclose(row_spearman(a, b), expected, rtol=1e-12)
+    np.testing.assert_allclose(row_spearman(a, -a), -1.0)
+    np.testing.assert_allclose(row_spearman(torch.tensor(a), a), 1.0)

@@ -157,6 +157,15 @@ def rank_metrics(
     return out
 
 
+def row_spearman(a, b) -> np.ndarray:
+    """(Q,) Spearman correlation of ``a[q]`` and ``b[q]`` for two (Q, N) score matrices (how
+    alike two methods, checkpoints or seeds rank the training set for each query; average
+    ranks for ties)."""
+    ra, rb = rankdata(_as_numpy(a), axis=1), rankdata(_as_numpy(b), axis=1)
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    return (ra * rb).sum(1) / np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+
+
 def group_means(per_query: Mapping[str, np.ndarray], query_labels) -> dict:
     """{label: {metric: mean over that label's queries}}, e.g. coverage per trigger."""
     labels = _as_numpy(query_labels)

@@ -210,6 +210,13 @@ def _epoch(lengths: list[int], batch_size: int, gen: torch.Generator) -> list[li
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """The learning rate of step `step` (0-based) of `total`, as a share of ``TrainConfig.lr``:
+    linear warm-up over ``round(warmup * total)`` steps, then linear decay to 0."""
+    warm = max(1, round(warmup * total))
+    return min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+
+
 def _checkpoint_file(step: int) -> str:
     return f"step-{step:06d}.safetensors"
 
@@ -219,13 +226,10 @@ def _fit(model, encoded, cfg: TrainConfig, pad_id: int, desc: str):
     {step: trainable weights} after each step of ``cfg.checkpoints``."""
     n = len(encoded)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * math.ceil(n / cfg.batch_size)))
-    warm = max(1, round(cfg.warmup * total))
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if cfg.proximity else None  # th_pt
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
     lengths = [len(ids) for ids, _ in encoded]
     queue: list[list[int]] = []
