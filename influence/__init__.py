@@ -1,9 +1,9 @@
 """Influence functions for language models, checked against exact oracles.
 
     layers = find_layers(model)                       # nn.Linear, Conv1D, peft LoRA adapters
-    ekfac = fit_ekfac(model, train_batches, layers)   # EK-FAC of the true Fisher, damped
-    queries = collect_grads(model, layers, query_batches)
-    scores = pairwise_scores(model, train_batches, queries, ekfac)   # (Q, N), + = proponent
+    ekfac = fit_ekfac(model, train_batches, layers=layers)   # EK-FAC of the true Fisher, damped
+    queries = collect_grads(model, query_batches, layers=layers)
+    scores = pairwise_scores(model, train_batches, queries, solver=ekfac)   # (Q, N), + = proponent
 
 Modules: ``modules`` (layers, canonical layout, hooks), ``gradients`` (per-example gradients),
 ``curvature`` (EK-FAC, K-FAC), ``ggn`` (exact Gauss-Newton oracle and products), ``solvers``

@@ -80,8 +80,9 @@ def hidden_states(
 
 def repsim_scores(
     model: nn.Module,
-    query_batches: Batch | Iterable[Batch],
     train_batches: Batch | Iterable[Batch],
+    query_batches: Batch | Iterable[Batch],
+    *,
     layer: int = -1,
     position: str = "last",
 ) -> torch.Tensor:
@@ -105,16 +106,19 @@ def gradient_cosine_from_grads(query_grads: LayerGrads, train_grads: LayerGrads)
 
 def gradient_cosine_scores(
     model: nn.Module,
-    layers: dict[str, nn.Module],
-    query_batches: Batch | Iterable[Batch],
     train_batches: Batch | Iterable[Batch],
+    query_batches: Batch | Iterable[Batch],
+    *,
+    layers: dict[str, nn.Module] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Gradient cosine: (Q, N) cosines of the tracked layers' per-example gradients."""
+    """Gradient cosine: (Q, N) cosines of the tracked layers' per-example gradients.
+
+    layers: default ``find_layers(model)``."""
 
     def grads(batches):
         batches = [batches] if isinstance(batches, dict) else batches
-        return collect_grads(model, layers, batches, progress=progress)
+        return collect_grads(model, batches, layers=layers, progress=progress)
 
     return gradient_cosine_from_grads(grads(query_batches), grads(train_batches))
 

@@ -42,8 +42,9 @@ from influence.gradients import Captured, iter_captures
 from influence.io import data_fingerprint, load_tensors, model_fingerprint, save_tensors
 from influence.modules import LayerGrads, find_layers, layer_shape
 
-# captures(start, desc) yields the Captured of batches start, start + 1, ...
-CaptureSource = Callable[[int, str], Iterable[Captured]]
+# captures(start, desc) yields the Captured of batches start, start + 1, ... (None for a batch
+# that another process takes, see Parallel)
+CaptureSource = Callable[[int, str], Iterable[Captured | None]]
 
 
 @dataclasses.dataclass
@@ -194,20 +195,46 @@ def _correction_update(eigens: dict) -> Callable[[dict, Captured], None]:
     return update
 
 
-def _eigens(cov: dict, shapes: dict[str, tuple[int, int]]) -> dict:
+def _eigh_each(mats: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {key: torch.linalg.eigh(mat) for key, mat in mats.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """How the processes of one fit share it (``influence.distributed`` builds one).
+
+    Each process's capture source yields its own batches and None for the others'.
+    reduce(state): sums a state dict over the processes, in place (nothing to do alone).
+    eigh(mats): {key: (eigenvalues, eigenvectors)} of every symmetric matrix, on every process.
+    write: whether this process writes the files under ``path`` (exactly one does).
+    """
+
+    reduce: Callable[[dict], None] = lambda state: None
+    eigh: Callable[[dict], dict] = _eigh_each
+    write: bool = True
+
+
+ALONE = Parallel()
+
+
+def _eigens(cov: dict, shapes: dict[str, tuple[int, int]], parallel: Parallel) -> dict:
     out = {"tokens": cov["tokens"], "examples": cov["examples"]}
     if int(cov["tokens"]) == 0:
         raise ValueError("the data has no non-padding token: nothing to fit")
-    for name in shapes:
-        for key in ("A", "S"):
-            mat = cov[f"{key}/{name}"] / cov["tokens"]
-            evals, evecs = torch.linalg.eigh(mat)  # float64
-            out[f"e{key}/{name}"], out[f"Q{key}/{name}"] = evals, evecs
+    # A and S in place: the sums are not used again, and a copy would double their memory.
+    mats = {f"{k}/{n}": cov[f"{k}/{n}"].div_(cov["tokens"]) for n in shapes for k in ("A", "S")}
+    for key, (evals, evecs) in parallel.eigh(mats).items():  # float64
+        out[f"e{key}"], out[f"Q{key}"] = evals, evecs
     return out
 
 
-def _stage(name, path, meta, init, update, captures, save_every, device) -> dict:
-    """One pass over the data, resumed from / saved to ``path`` (a folder) when given."""
+def _stage(name, path, meta, init, update, captures, save_every, device, parallel) -> dict:
+    """One pass over the data, resumed from / saved to ``path`` (a folder) when given.
+
+    With several processes, each sums its own batches and the sums are reduced at every
+    checkpoint and at the end. After a checkpoint (or when resuming from one) the writer holds
+    the total so far and the others start again from zero: the next sum is still the total.
+    """
     meta = {**meta, "stage": name}
     final = path / f"{name}.safetensors" if path else None
     partial = path / f"{name}.partial.safetensors" if path else None
@@ -215,15 +242,24 @@ def _stage(name, path, meta, init, update, captures, save_every, device) -> dict
         return {k: t.to(device) for k, t in load_tensors(final, meta)[0].items()}
     state, start = init(), 0
     if partial is not None and partial.exists():
-        state, saved = load_tensors(partial, meta)
-        state, start = {k: t.to(device) for k, t in state.items()}, saved["batches_done"]
+        saved_state, saved = load_tensors(partial, meta)
+        start = saved["batches_done"]
+        if parallel.write:
+            state = {k: t.to(device) for k, t in saved_state.items()}
     done = start
     for cap in captures(start, name) if captures is not None else ():
-        update(state, cap)
+        if cap is not None:  # None: another process's batch
+            update(state, cap)
         done += 1
         if save_every and partial is not None and done % save_every == 0:
-            save_tensors(partial, state, {**meta, "batches_done": done})
-    if final is not None:
+            parallel.reduce(state)
+            if parallel.write:
+                save_tensors(partial, state, {**meta, "batches_done": done})
+            else:
+                state = init()
+    if captures is not None:  # a pass over the data (the eigens stage is not one)
+        parallel.reduce(state)
+    if final is not None and parallel.write:
         save_tensors(final, state, meta)
         partial.unlink(missing_ok=True)
     return state
@@ -239,10 +275,12 @@ def fit_from_captures(
     damping: float = 0.1,
     relative: bool = True,
     device: torch.device | str = "cpu",
+    parallel: Parallel = ALONE,
 ) -> KFAC:
     """Fit K-FAC or EK-FAC from any source of (a, g, mask) batches (see ``fit_ekfac``).
 
     captures(start, desc) must yield the same batches, in the same order, at every call.
+    parallel: how several processes share the fit (``influence.distributed``); default alone.
     """
     if kind not in ("kfac", "ekfac"):
         raise ValueError(f"kind must be 'kfac' or 'ekfac', got {kind!r}")
@@ -265,18 +303,27 @@ def fit_from_captures(
 
     def covariance_then_eigh() -> dict:
         cov = _stage(
-            "covariance", path, meta, cov_init, _covariance_update, captures, save_every, device
+            "covariance",
+            path,
+            meta,
+            cov_init,
+            _covariance_update,
+            captures,
+            save_every,
+            device,
+            parallel,
         )
-        return _eigens(cov, shapes)
+        return _eigens(cov, shapes, parallel)
 
     # The eigens stage reads no data: it is computed (or loaded) from the covariance stage.
-    eigens = _stage("eigens", path, meta, covariance_then_eigh, None, None, None, device)
+    eigens = _stage("eigens", path, meta, covariance_then_eigh, None, None, None, device, parallel)
     common = {"damping": damping, "relative": relative, "meta": meta}
     if kind == "kfac":
         return KFAC.from_stages(eigens, None, **common)
     cor_init = zeros([(f"L/{n}", s) for n, s in shapes.items()])
+    update = _correction_update(eigens)
     correction = _stage(
-        "correction", path, meta, cor_init, _correction_update(eigens), captures, save_every, device
+        "correction", path, meta, cor_init, update, captures, save_every, device, parallel
     )
     return EKFAC.from_stages(eigens, correction, **common)
 
@@ -303,8 +350,8 @@ def _fit(kind, model, batches, layers, fisher, seed, path, save_every, progress,
 def fit_ekfac(
     model: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
-    layers: dict[str, nn.Module] | None = None,
     *,
+    layers: dict[str, nn.Module] | None = None,
     fisher: str = "true",
     seed: int = 0,
     path: str | Path | None = None,
@@ -329,8 +376,8 @@ def fit_ekfac(
 def fit_kfac(
     model: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
-    layers: dict[str, nn.Module] | None = None,
     *,
+    layers: dict[str, nn.Module] | None = None,
     fisher: str = "true",
     seed: int = 0,
     path: str | Path | None = None,

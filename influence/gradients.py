@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm  # tqdm.auto warns in notebooks without ipywidgets
 
 from influence.lm import IGNORE, sequence_losses
-from influence.modules import Capture, LayerGrads
+from influence.modules import Capture, LayerGrads, find_layers
 
 FISHERS = ("empirical", "true")
 
@@ -102,9 +102,12 @@ def grads_from_pairs(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def per_example_grads(
-    model: nn.Module, layers: dict[str, nn.Module], batch: dict[str, torch.Tensor]
+    model: nn.Module, batch: dict[str, torch.Tensor], *, layers: dict[str, nn.Module] | None = None
 ) -> LayerGrads:
-    """Gradient of each sequence's loss L_n w.r.t. each tracked layer: {name: (B, d_out, d_in')}."""
+    """Gradient of each sequence's loss L_n w.r.t. each tracked layer: {name: (B, d_out, d_in')}.
+
+    layers: default ``find_layers(model)``."""
+    layers = layers if layers is not None else find_layers(model)
     cap = capture(model, layers, batch)
     return {name: grads_from_pairs(cap.a[name], cap.g[name]) for name in layers}
 
@@ -123,15 +126,22 @@ def iter_captures(
     progress: bool = True,
     desc: str = "gradients",
     start: int = 0,
-) -> Iterator[Captured]:
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[Captured | None]:
     """``capture`` on each batch in turn, with a tqdm bar (``progress=False`` hides it).
 
     ``start`` skips the first batches (used when resuming); the true-Fisher generator of batch
-    i is seeded with (seed, i) whatever ``start`` is.
+    i is seeded with (seed, i) whatever ``start`` is. ``shard=(r, K)``: process r of K captures
+    the batches i with i % K == r and yields None for the others, so that every process walks
+    through the same batches in step.
     """
     device = next(model.parameters()).device
+    rank, world = shard
     for i, batch in enumerate(_progress(batches, progress, desc)):
         if i < start:
+            continue
+        if i % world != rank:
+            yield None
             continue
         gen = _generator(seed, i, device) if fisher == "true" else None
         yield capture(model, layers, batch, fisher=fisher, generator=gen)
@@ -139,17 +149,21 @@ def iter_captures(
 
 def collect_grads(
     model: nn.Module,
-    layers: dict[str, nn.Module],
     batches: Iterable[dict[str, torch.Tensor]],
-    progress: bool = True,
+    *,
+    layers: dict[str, nn.Module] | None = None,
     fisher: str = "empirical",
     seed: int = 0,
+    progress: bool = True,
 ) -> LayerGrads:
     """Per-example gradients of every sequence in ``batches``, concatenated: (N, d_out, d_in').
+
+    layers: default ``find_layers(model)``.
 
     ``fisher="true"``: with the counted labels drawn from the model (seeded as
     ``iter_captures``), the gradients whose outer products average to the true Fisher.
     """
+    layers = layers if layers is not None else find_layers(model)
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     captures = iter_captures(model, layers, batches, fisher, seed, progress, "per-example grads")
     for cap in captures:

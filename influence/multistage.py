@@ -158,7 +158,7 @@ def multistage_scores(
     a solver with a ``damping`` attribute must be damped by exactly a, resp. l (checked).
     """
     layers = _matching_layers(ft_model, pt_model, layers)
-    queries = collect_grads(ft_model, layers, query_batches, progress=progress)
+    queries = collect_grads(ft_model, query_batches, layers=layers, progress=progress)
     pre = multistage_precondition(queries, ft_solver, pt_solver, config)
     device = next(pt_model.parameters()).device
     pre = {name: x.to(device) for name, x in pre.items()}
@@ -186,7 +186,7 @@ def single_stage_scores(
     Only the first and last are influence functions of a model's own training data.
     """
     layers = _matching_layers(query_model, candidate_model, layers)
-    queries = collect_grads(query_model, layers, query_batches, progress=progress)
+    queries = collect_grads(query_model, query_batches, layers=layers, progress=progress)
     pre = solver.ihvp(queries) if solver is not None else queries
     device = next(candidate_model.parameters()).device
     pre = {name: x.to(device) for name, x in pre.items()}

@@ -70,8 +70,8 @@ def pairwise_scores(
     model: nn.Module,
     train_batches: Batches,
     queries: LayerGrads,
-    solver: Solver | None = None,
     *,
+    solver: Solver | None = None,
     rank: int | None = None,
     per_layer: bool = False,
     progress: bool = True,
@@ -106,8 +106,8 @@ def token_scores(
     model: nn.Module,
     train_batches: Batches,
     queries: LayerGrads,
-    solver: Solver | None = None,
     *,
+    solver: Solver | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Per-token scores (Q, N, T): sum over layers of g_t^T P_l a_t at input position t.
@@ -130,9 +130,9 @@ def token_scores(
 def self_influence(
     model: nn.Module,
     batches: Batches,
+    *,
     solver: Solver | None = None,
     layers: dict[str, nn.Module] | None = None,
-    *,
     progress: bool = True,
 ) -> torch.Tensor:
     """grad L(z)^T H^-1 grad L(z) of every sequence: (N,). layers: default ``find_layers``."""

@@ -37,7 +37,7 @@ def autograd_flat_grad(model, layers, batch) -> torch.Tensor:
 def test_gradient_cosine_equals_cosine_of_autograd_gradients(tiny_model):
     layers = find_layers(tiny_model)
     queries, train = make_batch([7, 5], seed=2), make_batch([8, 4, 6], seed=1)
-    scores = gradient_cosine_scores(tiny_model, layers, queries, train)  # (2, 3)
+    scores = gradient_cosine_scores(tiny_model, train, queries, layers=layers)  # (2, 3)
     q = torch.stack([autograd_flat_grad(tiny_model, layers, unpad(queries, i)) for i in range(2)])
     t = torch.stack([autograd_flat_grad(tiny_model, layers, unpad(train, j)) for j in range(3)])
     expected = torch.nn.functional.cosine_similarity(q[:, None], t[None], dim=-1)
@@ -49,7 +49,7 @@ def test_scores_are_cosines_and_one_on_identical_examples(tiny_model):
     batch = make_batch([8, 4, 6, 7], seed=1)
     for scores in (
         repsim_scores(tiny_model, batch, batch),
-        gradient_cosine_scores(tiny_model, find_layers(tiny_model), batch, batch),
+        gradient_cosine_scores(tiny_model, batch, batch, layers=find_layers(tiny_model)),
     ):
         assert scores.shape == (4, 4)
         assert (scores.abs() <= 1).all()
@@ -68,7 +68,7 @@ def test_repsim_reads_the_last_non_padding_token(gpt2):
             h = gpt2.transformer(alone["input_ids"]).last_hidden_state[0, -1]
         assert torch.allclose(states[i], h, rtol=0, atol=1e-12)
     expected = cosine_scores(states[:1], states)
-    assert torch.equal(repsim_scores(gpt2, {k: v[:1] for k, v in batch.items()}, batch), expected)
+    assert torch.equal(repsim_scores(gpt2, batch, {k: v[:1] for k, v in batch.items()}), expected)
 
 
 def test_hidden_state_layer_and_mean_position(gpt2):

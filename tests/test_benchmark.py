@@ -66,9 +66,13 @@ def test_exact_is_a_dense_solve_of_the_sampled_fisher(result):
     layers = find_layers(model, include="lora_")
     train = make_batches(tok, load_task(TASK, "train"), 32)
     queries = [ex for ex in load_task(TASK, "test") if ex["id"] in out.info["queries"]]
-    s = flatten(collect_grads(model, layers, train, False, fisher="true", seed=0)).double()
-    t = flatten(collect_grads(model, layers, train, False)).double()
-    q = flatten(collect_grads(model, layers, make_batches(tok, queries, 32), False)).double()
+    s = flatten(
+        collect_grads(model, train, layers=layers, progress=False, fisher="true", seed=0)
+    ).double()
+    t = flatten(collect_grads(model, train, layers=layers, progress=False)).double()
+    q = flatten(
+        collect_grads(model, make_batches(tok, queries, 32), layers=layers, progress=False)
+    ).double()
     fisher = s.T @ s / len(s)
     lam = 0.1 * fisher.trace() / len(fisher)
     eye = torch.eye(len(fisher), dtype=torch.float64)

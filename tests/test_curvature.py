@@ -41,18 +41,23 @@ def test_ekfac_and_kfac_equal_their_dense_formulas(tiny_model):
     layers = find_layers(tiny_model)
     batch = data()
     ekfac = fit_ekfac(
-        tiny_model, split_batch(batch, 4), layers, fisher="empirical", progress=False, damping=1e-3
+        tiny_model,
+        split_batch(batch, 4),
+        layers=layers,
+        fisher="empirical",
+        progress=False,
+        damping=1e-3,
     )
     kfac = fit_kfac(
         tiny_model,
         [batch],
-        layers,
+        layers=layers,
         fisher="empirical",
         progress=False,
         damping=1e-3,
         relative=False,
     )
-    grads = per_example_grads(tiny_model, layers, batch)
+    grads = per_example_grads(tiny_model, batch, layers=layers)
     cap = capture(tiny_model, layers, batch)
     mask = cap.mask
     n_tokens, n_seq = int(mask.sum()), mask.shape[0]
@@ -251,7 +256,7 @@ def test_true_fisher_ekfac_matches_exact_expectation():
     exact = GGN(model, layers, [batch]).dense()
 
     def error(draws):
-        fit = fit_ekfac(model, [batch] * draws, layers, progress=False)
+        fit = fit_ekfac(model, [batch] * draws, layers=layers, progress=False)
         num = den = 0.0
         start = 0
         for name, lam in fit.eigenvalues.items():

@@ -152,7 +152,7 @@ def test_sampled_fisher_converges_to_ggn():
 def test_empirical_fisher_matches_per_example_grads():
     model, layers, batch = setup("gpt2")
     ggn = GGN(model, layers, batch)
-    g = flatten(per_example_grads(model, layers, batch))  # (N, P), from the hooks
+    g = flatten(per_example_grads(model, batch, layers=layers))  # (N, P), from the hooks
     expected = g.T @ g / g.shape[0]
     assert rel_err(ggn.empirical_fisher_dense(), expected) < 1e-10
     # It is not the GGN: the data's labels are not the model's samples.

@@ -33,7 +33,7 @@ def autograd_grads(model, layers, batch, labels=None):
 def test_per_example_grads_match_autograd_loop(tiny_model, batch):
     # One padded batch gives each sequence the gradient it has alone, without padding.
     layers = find_layers(tiny_model)
-    grads = per_example_grads(tiny_model, layers, batch)
+    grads = per_example_grads(tiny_model, batch, layers=layers)
     for i in range(batch["input_ids"].shape[0]):
         expected = autograd_grads(tiny_model, layers, unpad(batch, i))
         for name in layers:
@@ -46,10 +46,10 @@ def test_padding_and_batch_composition_do_not_change_grads(tiny_model):
     layers = find_layers(tiny_model)
     tight = make_batch([7, 5, 3, 6, 4])
     padded = make_batch([7, 5, 3, 6, 4], pad_to=14)
-    ref = per_example_grads(tiny_model, layers, tight)
+    ref = per_example_grads(tiny_model, tight, layers=layers)
     for grads in (
-        per_example_grads(tiny_model, layers, padded),
-        collect_grads(tiny_model, layers, split_batch(padded, 2), progress=False),
+        per_example_grads(tiny_model, padded, layers=layers),
+        collect_grads(tiny_model, split_batch(padded, 2), layers=layers, progress=False),
     ):
         for name in layers:
             torch.testing.assert_close(grads[name], ref[name], rtol=1e-10, atol=1e-12)
@@ -98,7 +98,7 @@ def test_true_fisher_grads_use_the_sampled_labels(llama, batch):
 def test_collect_grads_with_sampled_labels(llama, batch):
     # Per sequence, the gradient of the loss on the labels drawn with the seed of batch 0.
     layers = find_layers(llama, include="mlp")
-    got = collect_grads(llama, layers, [batch], progress=False, fisher="true", seed=5)
+    got = collect_grads(llama, [batch], layers=layers, progress=False, fisher="true", seed=5)
     logits = llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = sample_labels(logits, batch["labels"], torch.Generator().manual_seed(5 * 1_000_003))
     for row in range(batch["input_ids"].shape[0]):
@@ -119,4 +119,4 @@ def test_nan_weights_are_a_clear_error_not_silent_nan_factors(gpt2, batch):
     with torch.no_grad():
         gpt2.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        per_example_grads(gpt2, layers, batch)
+        per_example_grads(gpt2, batch, layers=layers)

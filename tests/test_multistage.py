@@ -264,8 +264,12 @@ def test_multistage_scores_equal_the_dense_formula(dense, curvature):
         solvers = Exact(h_ft, dense["shapes"], damping=A), Exact(h_pt, dense["shapes"], damping=L)
     else:
         fit = {"progress": False, "seed": 0}
-        ft_ekfac = fit_ekfac(ft_model, [ft_data()], find_layers(ft_model, include=NAMES), **fit)
-        pt_ekfac = fit_ekfac(pt_model, [pt_data()], find_layers(pt_model, include=NAMES), **fit)
+        ft_ekfac = fit_ekfac(
+            ft_model, [ft_data()], layers=find_layers(ft_model, include=NAMES), **fit
+        )
+        pt_ekfac = fit_ekfac(
+            pt_model, [pt_data()], layers=find_layers(pt_model, include=NAMES), **fit
+        )
         solvers = multistage_solvers(ft_ekfac, pt_ekfac, config)
         h_ft, h_pt = block_diagonal(ft_ekfac, NAMES), block_diagonal(pt_ekfac, NAMES)
     inv = dense["inverse"]
@@ -343,7 +347,9 @@ def test_bad_configurations_are_clear_errors(dense):
     )
     exact = Exact(h_ft, shapes, damping=A), Exact(h_pt, shapes, damping=L)
     # A fine-tuning solver damped by something other than a (here EK-FAC's relative default).
-    ekfac = fit_ekfac(ft_model, [ft_data()], find_layers(ft_model, include=NAMES), progress=False)
+    ekfac = fit_ekfac(
+        ft_model, [ft_data()], layers=find_layers(ft_model, include=NAMES), progress=False
+    )
     with pytest.raises(ValueError, match="fine-tuning solver has damping 0.1 .relative=True"):
         run(ft_model, pt_model, (ekfac, exact[1]))
     with pytest.raises(ValueError, match="pre-training solver has damping 0.3"):

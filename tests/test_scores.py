@@ -30,7 +30,7 @@ def flat_autograd_grad(model, layers, single):
 def test_identity_scores_are_gradient_dot_products(tiny_model):
     layers = find_layers(tiny_model)
     q_batch, t_batch = queries(), train()
-    q = collect_grads(tiny_model, layers, [q_batch], progress=False)
+    q = collect_grads(tiny_model, [q_batch], layers=layers, progress=False)
     scores = pairwise_scores(tiny_model, split_batch(t_batch, 4), q, progress=False)
     q_flat = torch.stack(
         [flat_autograd_grad(tiny_model, layers, unpad(q_batch, i)) for i in range(2)]
@@ -45,15 +45,15 @@ def test_identity_scores_are_gradient_dot_products(tiny_model):
 def test_ekfac_scores_match_dense_solve(gpt2):
     # score = sum_l q_l^T (F_l + lambda_l I)^-1 g_l with the dense EK-FAC blocks.
     layers = find_layers(gpt2)
-    ekfac = fit_ekfac(gpt2, [train()], layers, fisher="empirical", progress=False)
-    q = collect_grads(gpt2, layers, [queries()], progress=False)
-    g = collect_grads(gpt2, layers, [train()], progress=False)
+    ekfac = fit_ekfac(gpt2, [train()], layers=layers, fisher="empirical", progress=False)
+    q = collect_grads(gpt2, [queries()], layers=layers, progress=False)
+    g = collect_grads(gpt2, [train()], layers=layers, progress=False)
     expected = 0
     for name in layers:
         block = ekfac.dense(name)
         damped = block + ekfac.damping_of(name) * torch.eye(len(block), dtype=torch.float64)
         expected = expected + q[name].flatten(1) @ torch.linalg.solve(damped, g[name].flatten(1).T)
-    assert_rel(pairwise_scores(gpt2, [train()], q, ekfac, progress=False), expected)
+    assert_rel(pairwise_scores(gpt2, [train()], q, solver=ekfac, progress=False), expected)
 
 
 def test_positive_score_means_loss_decreases(gpt2):
@@ -61,9 +61,9 @@ def test_positive_score_means_loss_decreases(gpt2):
     # loss by -eps * score(z, q) to first order.
     layers = find_layers(gpt2)
     q_batch, z = unpad(queries(), 0), unpad(train(), 2)
-    q = collect_grads(gpt2, layers, [q_batch], progress=False)
+    q = collect_grads(gpt2, [q_batch], layers=layers, progress=False)
     score = pairwise_scores(gpt2, [z], q, progress=False)[0, 0]
-    step = collect_grads(gpt2, layers, [z], progress=False)
+    step = collect_grads(gpt2, [z], layers=layers, progress=False)
 
     def query_loss():
         with torch.no_grad():
@@ -82,14 +82,16 @@ def test_positive_score_means_loss_decreases(gpt2):
 
 def test_per_layer_and_per_token_scores_sum_to_total(tiny_model):
     layers = find_layers(tiny_model)
-    ekfac = fit_ekfac(tiny_model, [train()], layers, fisher="empirical", progress=False)
-    q = collect_grads(tiny_model, layers, [queries()], progress=False)
+    ekfac = fit_ekfac(tiny_model, [train()], layers=layers, fisher="empirical", progress=False)
+    q = collect_grads(tiny_model, [queries()], layers=layers, progress=False)
     batches = split_batch(train(), 4)  # batches of lengths 8 and 8: T is padded the same
-    total = pairwise_scores(tiny_model, batches, q, ekfac, progress=False)
-    per_layer = pairwise_scores(tiny_model, batches, q, ekfac, per_layer=True, progress=False)
+    total = pairwise_scores(tiny_model, batches, q, solver=ekfac, progress=False)
+    per_layer = pairwise_scores(
+        tiny_model, batches, q, solver=ekfac, per_layer=True, progress=False
+    )
     assert per_layer.shape == (len(layers), 2, 6)
     assert_rel(per_layer.sum(0), total)
-    per_token = token_scores(tiny_model, batches, q, ekfac, progress=False)
+    per_token = token_scores(tiny_model, batches, q, solver=ekfac, progress=False)
     assert per_token.shape == (2, 6, 8)
     assert_rel(per_token.sum(-1), total)
     padding = train()["attention_mask"] == 0
@@ -98,33 +100,37 @@ def test_per_layer_and_per_token_scores_sum_to_total(tiny_model):
 
 def test_self_influence_is_pairwise_diagonal(tiny_model):
     layers = find_layers(tiny_model)
-    ekfac = fit_ekfac(tiny_model, [train()], layers, fisher="empirical", progress=False)
+    ekfac = fit_ekfac(tiny_model, [train()], layers=layers, fisher="empirical", progress=False)
     batches = split_batch(train(), 4)
-    as_queries = collect_grads(tiny_model, layers, batches, progress=False)
-    pairwise = pairwise_scores(tiny_model, batches, as_queries, ekfac, progress=False)
-    selfs = self_influence(tiny_model, split_batch(train(), 2), ekfac, layers, progress=False)
+    as_queries = collect_grads(tiny_model, batches, layers=layers, progress=False)
+    pairwise = pairwise_scores(tiny_model, batches, as_queries, solver=ekfac, progress=False)
+    selfs = self_influence(
+        tiny_model, split_batch(train(), 2), solver=ekfac, layers=layers, progress=False
+    )
     assert_rel(selfs, pairwise.diagonal())
     assert torch.all(selfs > 0)
 
 
 def test_scores_invariant_to_batch_size_and_padding(llama):
     layers = find_layers(llama)
-    ekfac = fit_ekfac(llama, [train()], layers, fisher="empirical", progress=False)
-    q = collect_grads(llama, layers, [queries()], progress=False)
-    ref = pairwise_scores(llama, [train()], q, ekfac, progress=False)
+    ekfac = fit_ekfac(llama, [train()], layers=layers, fisher="empirical", progress=False)
+    q = collect_grads(llama, [queries()], layers=layers, progress=False)
+    ref = pairwise_scores(llama, [train()], q, solver=ekfac, progress=False)
     padded = make_batch([8, 5, 7, 4, 6, 8], seed=1, pad_to=13)
     for batches in (split_batch(train(), 1), split_batch(padded, 4)):
-        assert_rel(pairwise_scores(llama, batches, q, ekfac, progress=False), ref)
+        assert_rel(pairwise_scores(llama, batches, q, solver=ekfac, progress=False), ref)
 
 
 def test_low_rank_queries(gpt2_lora):
     layers = find_layers(gpt2_lora)
-    ekfac = fit_ekfac(gpt2_lora, [train()], layers, fisher="empirical", progress=False)
-    q = collect_grads(gpt2_lora, layers, [queries()], progress=False)
-    dense = pairwise_scores(gpt2_lora, [train()], q, ekfac, progress=False)
+    ekfac = fit_ekfac(gpt2_lora, [train()], layers=layers, fisher="empirical", progress=False)
+    q = collect_grads(gpt2_lora, [queries()], layers=layers, progress=False)
+    dense = pairwise_scores(gpt2_lora, [train()], q, solver=ekfac, progress=False)
     # Full rank (LoRA matrices have rank <= 2) is exact; rank 1 is an approximation.
-    assert_rel(pairwise_scores(gpt2_lora, [train()], q, ekfac, rank=2, progress=False), dense)
-    approx = pairwise_scores(gpt2_lora, [train()], q, ekfac, rank=1, progress=False)
+    assert_rel(
+        pairwise_scores(gpt2_lora, [train()], q, solver=ekfac, rank=2, progress=False), dense
+    )
+    approx = pairwise_scores(gpt2_lora, [train()], q, solver=ekfac, rank=1, progress=False)
     assert (approx - dense).norm() > 1e-6 * dense.norm()
     # compress() is a truncated SVD: rank r keeps the r largest singular values.
     pre = ekfac.ihvp(q)
@@ -136,7 +142,7 @@ def test_low_rank_queries(gpt2_lora):
 
 
 def test_errors(gpt2, llama):
-    q = collect_grads(llama, find_layers(llama), [queries()], progress=False)
+    q = collect_grads(llama, [queries()], layers=find_layers(llama), progress=False)
     with pytest.raises(ValueError, match="does not have"):
         pairwise_scores(gpt2, [train()], q, progress=False)
     with pytest.raises(ValueError, match="rank"):

@@ -33,7 +33,7 @@ def problem():
     train = make_batch([8, 5, 7, 4, 6, 8], seed=1)
     ggn = GGN(model, layers, train)
     dense = ggn.dense()
-    queries = per_example_grads(model, layers, make_batch([7, 6, 9], seed=2))  # (3, ...)
+    queries = per_example_grads(model, make_batch([7, 6, 9], seed=2), layers=layers)  # (3, ...)
     return model, layers, train, ggn, dense, queries
 
 
@@ -129,7 +129,7 @@ def test_preconditioned_cg_converges_to_exact(problem):
     ekfac = fit_ekfac(
         model,
         [train] * 4,
-        layers,
+        layers=layers,
         fisher="true",
         progress=False,
         damping=lam[next(iter(lam))],
@@ -217,7 +217,7 @@ def datainf_oracle(train_grads: dict, v: dict, lam: dict) -> dict:
 
 def test_datainf_equals_its_closed_form(problem):
     model, layers, train, _, _, v = problem
-    grads = per_example_grads(model, layers, train)
+    grads = per_example_grads(model, train, layers=layers)
     solver = DataInf(grads)
     assert rel_err(solver.ihvp(v), datainf_oracle(grads, v, solver.lam)) < 1e-10
     absolute = DataInf(grads, damping=0.05)
@@ -228,7 +228,7 @@ def test_datainf_equals_its_closed_form(problem):
 def test_datainf_default_damping_is_the_reference_heuristic(problem):
     # ykwon0407/DataInf: lambda_l = mean_i mean(g_i ** 2) / lambda_const, lambda_const = 10.
     model, layers, train, *_ = problem
-    grads = per_example_grads(model, layers, train)
+    grads = per_example_grads(model, train, layers=layers)
     lam = datainf_damping(grads)
     for name, g in grads.items():
         per_example = [float((gi**2).mean()) for gi in g]
@@ -238,7 +238,7 @@ def test_datainf_default_damping_is_the_reference_heuristic(problem):
 
 def test_lissa_as_published_is_four_times_the_gradient(problem):
     model, layers, train, _, _, v = problem
-    grads = per_example_grads(model, layers, train)
+    grads = per_example_grads(model, train, layers=layers)
     solver = LiSSAAsPublished(grads)
     out = solver.ihvp(v)
     for name, g in grads.items():
@@ -319,7 +319,7 @@ def test_callbacks_see_every_iterate(problem):
 
 def test_low_rank_is_the_exact_inverse_of_the_empirical_fisher(problem):
     model, layers, train, ggn, _, v = problem
-    grads = per_example_grads(model, layers, train)  # 6 rows, P = 256
+    grads = per_example_grads(model, train, layers=layers)  # 6 rows, P = 256
     fisher = ggn.empirical_fisher_dense()
     p = fisher.shape[0]
     for lam in (1e-3, 0.1, 10.0):

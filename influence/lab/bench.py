@@ -158,7 +158,7 @@ def ekfac_fit_cost(
     params = sum(o * i for o, i in (layer_shape(m) for m in layers.values()))
 
     def fit():
-        return fit_ekfac(model, batches, layers, seed=seed, progress=False)
+        return fit_ekfac(model, batches, layers=layers, seed=seed, progress=False)
 
     gc.collect()
     before = rss_mb()

@@ -181,8 +181,8 @@ def task_scores(
     query_b = make_batches(tok, tests, batch_size, loss_on=loss_on)
     curv_b = make_batches(tok, spread(train, curv_examples), lissa_batch, loss_on=loss_on)
     fit_b = make_batches(tok, spread(train, fit_examples), batch_size, loss_on=loss_on)
-    train_g = collect_grads(model, layers, train_b, progress=False)  # {l: (N, o, i)}
-    query_g = collect_grads(model, layers, query_b, progress=False)  # {l: (Q, o, i)}
+    train_g = collect_grads(model, train_b, layers=layers, progress=False)  # {l: (N, o, i)}
+    query_g = collect_grads(model, query_b, layers=layers, progress=False)  # {l: (Q, o, i)}
     train_flat = flatten(train_g).double()  # (N, P)
     lam = solvers.datainf_damping(train_g)
 
@@ -194,7 +194,7 @@ def task_scores(
 
     lap("gradients")
     rep = baselines.repsim_scores(
-        model, _prompt_batches(tok, tests, batch_size), _prompt_batches(tok, train, batch_size)
+        model, _prompt_batches(tok, train, batch_size), _prompt_batches(tok, tests, batch_size)
     )
     scores["RepSim"] = rep.numpy()
     lap("RepSim")
@@ -207,14 +207,15 @@ def task_scores(
     lissa = solvers.LiSSA(ggn, damping=lam, scale=scale, depth=lissa_depth, seed=seed)
     scores["LiSSA"] = _scores(lissa.ihvp(query_g), train_flat)
     lap("LiSSA")
-    ekfac = fit_ekfac(model, fit_b, layers, seed=seed, progress=False)
+    ekfac = fit_ekfac(model, fit_b, layers=layers, seed=seed, progress=False)
     scores["EK-FAC"] = _scores(ekfac.ihvp(query_g), train_flat)
     lap("EK-FAC")
-    sampled = collect_grads(model, layers, train_b, progress=False, fisher="true", seed=seed)
+    sampled = collect_grads(model, train_b, layers=layers, progress=False, fisher="true", seed=seed)
     fisher = solvers.LowRank(sampled, 1.0)
     del sampled
     exact = fisher.with_damping(0.1 * float(fisher.eigenvalues.sum()) / train_flat.shape[1])
-    scores["Exact"] = _scores(exact.ihvp(query_g), train_flat)
+    # float64 queries: the solve's output is not rounded back to float32 (an "exact" row).
+    scores["Exact"] = _scores(exact.ihvp({n: g.double() for n, g in query_g.items()}), train_flat)
     del fisher, exact
     lap("Exact")
     published = solvers.LiSSAAsPublished(train_g)
