@@ -269,6 +269,7 @@ def fit_from_captures(
     captures: CaptureSource,
     shapes: dict[str, tuple[int, int]],
     kind: str = "ekfac",
+    *,
     meta: dict | None = None,
     path: str | Path | None = None,
     save_every: int | None = None,
@@ -328,7 +329,9 @@ def fit_from_captures(
     return EKFAC.from_stages(eigens, correction, **common)
 
 
-def _fit(kind, model, batches, layers, fisher, seed, path, save_every, progress, damping, relative):
+def _fit(kind, model, batches, *, layers, fisher, seed, shard=(0, 1), **options) -> KFAC:
+    """Fit on ``batches`` (this process's ``shard`` = (rank, world) of them; see
+    ``influence.distributed``); ``options`` go to ``fit_from_captures``."""
     layers = layers if layers is not None else find_layers(model)
     meta = {
         "fingerprint": model_fingerprint(model, layers),
@@ -336,15 +339,16 @@ def _fit(kind, model, batches, layers, fisher, seed, path, save_every, progress,
         "fisher": fisher,
         "seed": seed,
     }
+    progress = options.pop("progress")
 
-    def captures(start: int, desc: str) -> Iterable[Captured]:
-        return iter_captures(model, layers, batches, fisher, seed, progress, desc, start)
+    def captures(start: int, desc: str) -> Iterable[Captured | None]:
+        return iter_captures(
+            model, layers, batches, fisher, seed, progress, desc, start, shard=shard
+        )
 
     shapes = {name: layer_shape(m) for name, m in layers.items()}
     device = next(model.parameters()).device
-    return fit_from_captures(
-        captures, shapes, kind, meta, path, save_every, damping, relative, device
-    )
+    return fit_from_captures(captures, shapes, kind, meta=meta, device=device, **options)
 
 
 def fit_ekfac(
@@ -369,7 +373,17 @@ def fit_ekfac(
     the same batches in the same order at every pass (no reshuffling between passes).
     """
     return _fit(
-        "ekfac", model, batches, layers, fisher, seed, path, save_every, progress, damping, relative
+        "ekfac",
+        model,
+        batches,
+        layers=layers,
+        fisher=fisher,
+        seed=seed,
+        path=path,
+        save_every=save_every,
+        progress=progress,
+        damping=damping,
+        relative=relative,
     )
 
 
@@ -388,5 +402,15 @@ def fit_kfac(
 ) -> KFAC:
     """K-FAC, F ~ (M/N) A (x) S (one pass over the data); arguments as in ``fit_ekfac``."""
     return _fit(
-        "kfac", model, batches, layers, fisher, seed, path, save_every, progress, damping, relative
+        "kfac",
+        model,
+        batches,
+        layers=layers,
+        fisher=fisher,
+        seed=seed,
+        path=path,
+        save_every=save_every,
+        progress=progress,
+        damping=damping,
+        relative=relative,
     )
