@@ -19,9 +19,10 @@ import torch
 
 PROFILES = ("smoke", "default", "paper")
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (editable install)
-# Where figures and results.json go: figures/, or $INFLUENCE_FIGURES (the runner's --out, so
-# that a smoke run never overwrites the committed default-profile figures).
-FIGURES = Path(os.environ.get("INFLUENCE_FIGURES", ROOT / "figures"))
+# Figures and results.json go to figures/, or to $INFLUENCE_FIGURES when set: the runner's --out
+# and `make nbval` point it at a temporary folder, so that neither a smoke run nor a test run
+# rewrites the committed default-profile figures (see figure_dir).
+FIGURES_ENV = "INFLUENCE_FIGURES"
 FIG_WIDTH = 6.4  # inches; every figure has this width so the gallery is uniform
 
 
@@ -72,8 +73,9 @@ def set_style() -> None:
 
 
 def figure_dir(notebook: str) -> Path:
-    """``figures/<notebook>/``, created on demand."""
-    path = FIGURES / notebook
+    """``figures/<notebook>/`` (or ``$INFLUENCE_FIGURES/<notebook>/``), created on demand."""
+    # Read at each call, not at import, so that a variable set after import (a test) is honoured.
+    path = Path(os.environ.get(FIGURES_ENV) or ROOT / "figures") / notebook
     path.mkdir(parents=True, exist_ok=True)
     return path
 
