@@ -227,7 +227,10 @@ class GGN:
         logits = out.logits if hasattr(out, "logits") else out
         h = hidden["h"]  # (B, T, d)
         if logits.shape != hidden["z"].shape or not torch.equal(logits, hidden["z"]):
-            raise ValueError("the logits are not the LM head's output: use mode='forward'")
+            raise ValueError(
+                "the logits are not the LM head's output (e.g. Gemma-2's final logit "
+                "softcapping, tanh(z / c) c): use mode='forward'"
+            )
         mask = loss_mask(batch["labels"].to(self.device))  # (B, T)
         p = torch.softmax(logits.detach()[mask].double(), dim=-1)  # (K, V)
         w = head.weight.detach().double()  # (V, d)
@@ -250,8 +253,13 @@ class GGN:
             grads = torch.autograd.grad(
                 h, [probes[n] for n in names], cot, retain_graph=True, is_grads_batched=True
             )  # {(c, B, T, d_out)}
+            # reshape: a layer run on the flattened (B*T, d) tokens (OPT's MLP) as (B, T, d)
             per_seq = [
-                torch.einsum("cbto,bti->cboi", g, acts[n]).flatten(2)
+                torch.einsum(
+                    "cbto,bti->cboi",
+                    g.reshape(len(g), *h.shape[:2], -1),
+                    acts[n].reshape(*h.shape[:2], -1),
+                ).flatten(2)
                 for n, g in zip(names, grads, strict=True)
             ]
             cols.append(torch.cat(per_seq, dim=-1)[r, b_idx[k]].double())  # (R, P)

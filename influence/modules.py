@@ -6,6 +6,11 @@ trailing 1). nn.Linear stores W as (d_out, d_in) already; transformers' Conv1D (
 stores it as (d_in, d_out), so it is transposed. peft LoRA is covered because its adapters
 lora_A and lora_B are nn.Linear submodules (the frozen base layer is skipped).
 
+Fused projections (GPT-2's c_attn, GPT-NeoX's query_key_value, Phi-3's qkv_proj and
+gate_up_proj) are one tracked layer: W's rows are all the parts' outputs in the model's order
+(q, k, v; GPT-NeoX interleaves them per head), and EK-FAC / K-FAC treat it as one block, with
+one output factor over all parts (their correlations kept), not one block per part.
+
 For a sequence with layer inputs a_t and output gradients g_t = dL/dy_t, the gradient of the
 layer's weight is G = sum_t g_t a_t^T, shape (d_out, d_in'). ``LayerGrads`` maps a layer name
 to such matrices, batched: (B, d_out, d_in').
@@ -13,6 +18,7 @@ to such matrices, batched: (B, d_out, d_in').
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 
@@ -154,7 +160,9 @@ class Capture:
     g: (B, T, d_out), the gradient of the backpropagated scalar w.r.t. the layer's output.
     g is filled by any backward pass through the outputs (``loss.backward()``,
     ``torch.autograd.grad``); ``backward(loss)`` runs one without touching ``.grad``.
-    Hooks are removed on exit, so nothing stays on the modules.
+    Hooks are removed on exit, so nothing stays on the modules. A layer that runs on the
+    batch's tokens flattened to (B*T, d) (OPT's MLP) is reshaped to (B, T, d), with (B, T)
+    read from the model's input_ids (or inputs_embeds); any other layout is an error.
 
         with Capture(model, layers) as cap:
             loss = sequence_losses(model(**inputs).logits, labels).sum()
@@ -168,8 +176,12 @@ class Capture:
         self.g: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._tokens: tuple[int, int] | None = None  # (B, T) of the current forward pass
 
     def __enter__(self) -> Capture:
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._record_tokens, with_kwargs=True)
+        )
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
         return self
@@ -180,6 +192,28 @@ class Capture:
         self._handles.clear()
         self._outputs.clear()
 
+    def _record_tokens(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+            self._tokens = tuple(ids.shape)
+        elif isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+            self._tokens = tuple(embeds.shape[:2])
+        else:
+            self._tokens = None  # not a (B, T) token model: inputs are kept as they come
+
+    def _per_token(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x as (B, T, d): a layer's (B, T, d) as is, a flattened (B*T, d) reshaped."""
+        if x.dim() == 3 or self._tokens is None:
+            return x
+        if x.dim() == 2 and x.shape[0] == math.prod(self._tokens):
+            return x.reshape(*self._tokens, x.shape[-1])
+        raise RuntimeError(
+            f"layer {name!r} ran on a tensor of shape {tuple(x.shape)}, neither (B, T, d) nor "
+            f"(B*T, d) with (B, T) = {self._tokens}; a layer that sees only some tokens (a "
+            "mixture-of-experts expert) is not supported: exclude it"
+        )
+
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
             if name in self.a:
@@ -187,13 +221,15 @@ class Capture:
                     f"layer {name!r} ran twice in one forward pass; a layer reused within a "
                     "forward (weight sharing) is not supported: exclude it"
                 )
-            a = inputs[0].detach()
+            a = self._per_token(name, inputs[0].detach())
             if module.bias is not None:
                 a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
             self.a[name] = a  # (B, T, d_in')
             if output.requires_grad:
                 self._outputs[name] = output
-                output.register_hook(lambda grad: self.g.__setitem__(name, grad.detach()))
+                output.register_hook(
+                    lambda grad: self.g.__setitem__(name, self._per_token(name, grad.detach()))
+                )
 
         return hook
 
@@ -209,4 +245,5 @@ class Capture:
         grads = torch.autograd.grad(loss, [self._outputs[n] for n in names], allow_unused=True)
         for name, grad in zip(names, grads, strict=True):
             # A layer the loss does not depend on (e.g. after the last counted token) gets 0.
-            self.g[name] = torch.zeros_like(self._outputs[name]) if grad is None else grad.detach()
+            grad = torch.zeros_like(self._outputs[name]) if grad is None else grad.detach()
+            self.g[name] = self._per_token(name, grad)
