@@ -21,7 +21,9 @@ import torch
 from rank_bm25 import BM25Okapi
 from torch import nn
 
+from influence.data import as_batches
 from influence.gradients import collect_grads, to_device
+from influence.models import eval_mode, vocab_size
 from influence.modules import LayerGrads, flatten
 
 Batch = dict[str, torch.Tensor]
@@ -56,25 +58,32 @@ def hidden_states(
 ) -> torch.Tensor:
     """Hidden state of ``layer`` (an index into ``hidden_states``: 0 = embeddings, -1 = last
     layer) for every sequence: (N, d_model). ``position``: "last" (the last non-padding
-    token) or "mean" (the mean over non-padding tokens)."""
+    token) or "mean" (the mean over non-padding tokens).
+
+    batches: one batch dict or anything ``influence.data.as_batches`` accepts, checked against
+    the batch contract without labels (input_ids and attention_mask are what is fed); the
+    model runs in eval mode, its modes restored after."""
     if position not in ("last", "mean"):
         raise ValueError(f"position must be 'last' or 'mean', got {position!r}")
     device = next(model.parameters()).device
     out = []
-    for batch in [batches] if isinstance(batches, dict) else batches:
-        batch = to_device(batch, device)
-        mask = batch["attention_mask"]
-        states = model(
-            input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True
-        ).hidden_states
-        if not -len(states) <= layer < len(states):
-            raise ValueError(f"layer {layer} out of range: the model has {len(states)} states")
-        h = states[layer]  # (B, T, d)
-        if position == "last":
-            out.append(h[torch.arange(h.shape[0], device=device), last_token_index(mask)])
-        else:
-            w = mask[..., None].to(h)
-            out.append((h * w).sum(1) / w.sum(1))
+    # labels are not needed (nor checked): only input_ids and attention_mask are fed
+    checked = as_batches(batches).checked(vocab_size=vocab_size(model), labels=False)
+    with eval_mode(model):
+        for batch in checked:
+            batch = to_device(batch, device)
+            mask = batch["attention_mask"]
+            states = model(
+                input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True
+            ).hidden_states
+            if not -len(states) <= layer < len(states):
+                raise ValueError(f"layer {layer} out of range: the model has {len(states)} states")
+            h = states[layer]  # (B, T, d)
+            if position == "last":
+                out.append(h[torch.arange(h.shape[0], device=device), last_token_index(mask)])
+            else:
+                w = mask[..., None].to(h)
+                out.append((h * w).sum(1) / w.sum(1))
     return torch.cat(out)
 
 

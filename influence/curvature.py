@@ -31,6 +31,8 @@ is saved, after checking that the model, the data and the configuration are the 
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -38,9 +40,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from influence.data import as_batches
 from influence.gradients import Captured, iter_captures
 from influence.io import data_fingerprint, load_tensors, model_fingerprint, save_tensors
-from influence.modules import LayerGrads, find_layers, layer_shape
+from influence.models import resolve_layers
+from influence.modules import LayerGrads, layer_shape
 
 # captures(start, desc) yields the Captured of batches start, start + 1, ... (None for a batch
 # that another process takes, see Parallel)
@@ -63,6 +67,8 @@ class KFAC:
     meta: dict = dataclasses.field(default_factory=dict)
 
     STAGES: ClassVar[tuple[str, ...]] = ("eigens",)  # files load() reads
+    MIN_RATIO: ClassVar[float] = 1e-10  # smallest damped eigenvalue / largest, at least
+    MAX_RATIO: ClassVar[float] = 1e6  # damping / mean eigenvalue above which ihvp warns
 
     def damping_of(self, name: str) -> float:
         """The absolute damping lambda of layer ``name``."""
@@ -75,24 +81,91 @@ class KFAC:
         return dataclasses.replace(self, damping=damping, relative=relative)
 
     def ihvp(self, v: LayerGrads) -> LayerGrads:
-        """(F + lambda I)^-1 v per layer: {name: (Q, d_out, d_in')} -> same shapes and dtypes."""
-        out = {}
+        """(F + lambda I)^-1 v per layer: {name: (Q, d_out, d_in')} -> same shapes and dtypes.
+
+        Guards, per layer: NaN/inf in its factors, or a non-finite damping, is an error; so is
+        a damping that leaves the damped eigenvalues Lambda + lambda spanning more than
+        1/``MIN_RATIO`` = 1e10 (a damping below 1e-10 x the largest eigenvalue on a layer
+        whose eigenvalues reach ~0; an undamped well-conditioned layer passes) or any of them
+        <= 0. A damping above ``MAX_RATIO`` = 1e6 x the mean eigenvalue warns: the iHVP is then
+        ~ v / lambda, scores gradient dot products / lambda.
+        """
+        out, swamped = {}, []
         for name, mat in v.items():
             if name not in self.eigenvalues:
                 raise KeyError(
                     f"layer {name!r} has no fitted factors; fitted: {list(self.eigenvalues)}"
                 )
+            self._check_finite([name])
+            lam = self._checked_damping(name)
+            values = self.eigenvalues[name]
+            if lam > self.MAX_RATIO * float(values.mean()):
+                swamped.append((name, lam / float(values.mean())))
             qa, qs = self.eigvecs_a[name], self.eigvecs_s[name]
             rotated = qs.T @ mat.to(qa) @ qa  # (Q, d_out, d_in') in the eigenbasis
-            damped = self.eigenvalues[name] + self.damping_of(name)  # (d_out, d_in')
-            if not bool((damped > 0).all()):
-                raise ValueError(
-                    f"layer {name!r}: a damped eigenvalue is <= 0 (damping {self.damping}, "
-                    f"relative={self.relative}); use a positive damping"
-                )
-            rotated = rotated / damped
+            rotated = rotated / (values + lam)  # (d_out, d_in') damped eigenvalues, float64
             out[name] = (qs @ rotated @ qa.T).to(mat.dtype)
+        if swamped:
+            name, ratio = swamped[0]
+            warnings.warn(
+                f"the damping of layers {[n for n, _ in swamped]} is more than "
+                f"{self.MAX_RATIO:.0e} x their mean eigenvalue ({ratio:.1e} x for {name!r}): "
+                "(F + damping I)^-1 ~ I / damping there, so scores are gradient dot products "
+                "/ damping",
+                stacklevel=2,
+            )
         return out
+
+    def _checked_damping(self, name: str) -> float:
+        """The absolute damping of layer ``name``, refused when non-finite or when it leaves
+        the damped eigenvalues <= 0 or spanning more than 1 / MIN_RATIO."""
+        lam = self.damping_of(name)
+        what = f"damping {self.damping!r}" + (
+            f" (relative: {lam:.3g} for this layer)" if self.relative else " (absolute)"
+        )
+        use = "e.g. with_damping(0.1) (0.1 x each layer's mean eigenvalue)"
+        if not math.isfinite(lam):
+            raise ValueError(f"layer {name!r}: {what} is not finite; use a finite damping, {use}")
+        values = self.eigenvalues[name]
+        low, top = float(values.min()), float(values.max())
+        floor = self.MIN_RATIO * max(top, 0.0)
+        if low + lam <= 0:
+            curvature = "is 0 (no gradient reached it?)" if top == 0 else f"has {low:.3g}"
+            raise ValueError(
+                f"layer {name!r}: a damped eigenvalue is <= 0 with {what}: the layer's smallest "
+                f"eigenvalue {curvature}; use a positive damping >= {floor:.3g} "
+                f"({self.MIN_RATIO:.0e} x the largest eigenvalue {top:.3g}), {use}"
+            )
+        if low + lam < self.MIN_RATIO * (top + lam):
+            share = lam / top if top > 0 else math.inf
+            raise ValueError(
+                f"layer {name!r}: {what} is {share:.1e} of the layer's largest eigenvalue "
+                f"({top:.3g}) and its smallest is {low:.3g}, so the damped eigenvalues span more "
+                f"than {1 / self.MIN_RATIO:.0e} and the iHVP of the near-null directions is "
+                f"round-off x {1 / (low + lam):.1e}; use a damping >= {floor:.3g} "
+                f"({self.MIN_RATIO:.0e} x the largest eigenvalue), {use}"
+            )
+        return lam
+
+    def _check_finite(self, names: Iterable[str] | None = None) -> None:
+        """NaN/inf in the factors of the named layers (default all) is a ValueError naming them."""
+        bad = []
+        for name in self.eigenvalues if names is None else names:
+            parts = {
+                "eigenvalues": self.eigenvalues[name],
+                "eigenvectors of A": self.eigvecs_a[name],
+                "eigenvectors of S": self.eigvecs_s[name],
+            }
+            for part, t in parts.items():
+                count = int((~t.isfinite()).sum())
+                if count:
+                    bad.append(f"{name!r} ({part}: {count} of {t.numel()} entries)")
+        if bad:
+            raise ValueError(
+                f"the {type(self).__name__} factors of layers {bad} contain NaN/inf: the fit saw "
+                "non-finite gradients (check the model's weights and the data) or the saved "
+                "factors are damaged; fit again"
+            )
 
     def dense(self, name: str) -> torch.Tensor:
         """The approximate Fisher block (P, P) of a layer, P = d_out d_in', in the row-major
@@ -121,12 +194,14 @@ class KFAC:
         }
         counts = {"examples": int(eigens["examples"]), "tokens": int(eigens["tokens"])}
         kwargs["meta"] = {**kwargs.get("meta", {}), **counts}
-        return cls(
+        fitted = cls(
             eigvecs_a={n: eigens[f"QA/{n}"] for n in names},
             eigvecs_s={n: eigens[f"QS/{n}"] for n in names},
             eigenvalues=eigenvalues,
             **kwargs,
         )
+        fitted._check_finite()
+        return fitted
 
     @classmethod
     def load(cls, path, model=None, layers=None, damping=0.1, relative=True, **expected):
@@ -134,7 +209,7 @@ class KFAC:
         were fitted on this model; ``expected`` checks other metadata (e.g. fisher="true")."""
         path = Path(path)
         if model is not None:
-            layers = layers if layers is not None else find_layers(model)
+            layers = resolve_layers(model, layers)
             expected["fingerprint"] = model_fingerprint(model, layers)
         stages = {}
         for stage in cls.STAGES:
@@ -144,13 +219,16 @@ class KFAC:
                 )
             stages[stage], meta = load_tensors(path / f"{stage}.safetensors", expected)
         meta.pop("stage", None)
-        return cls.from_stages(
-            stages["eigens"],
-            stages.get("correction"),
-            damping=damping,
-            relative=relative,
-            meta=meta,
-        )
+        try:
+            return cls.from_stages(
+                stages["eigens"],
+                stages.get("correction"),
+                damping=damping,
+                relative=relative,
+                meta=meta,
+            )
+        except ValueError as err:  # NaN/inf factors: say which files
+            raise ValueError(f"{path}: {err}") from None
 
 
 class EKFAC(KFAC):
@@ -163,9 +241,11 @@ class EKFAC(KFAC):
         base = KFAC.from_stages(eigens, None, **kwargs)
         n = float(correction["examples"])
         eigenvalues = {name: correction[f"L/{name}"] / n for name in base.eigenvalues}
-        return cls(
+        fitted = cls(
             base.eigvecs_a, base.eigvecs_s, eigenvalues, base.damping, base.relative, base.meta
         )
+        fitted._check_finite()
+        return fitted
 
 
 # ---- fitting ---------------------------------------------------------------------------
@@ -332,7 +412,8 @@ def fit_from_captures(
 def _fit(kind, model, batches, *, layers, fisher, seed, shard=(0, 1), **options) -> KFAC:
     """Fit on ``batches`` (this process's ``shard`` = (rank, world) of them; see
     ``influence.distributed``); ``options`` go to ``fit_from_captures``."""
-    layers = layers if layers is not None else find_layers(model)
+    layers = resolve_layers(model, layers)
+    batches = as_batches(batches)  # one Batches: every pass is checked against the first
     meta = {
         "fingerprint": model_fingerprint(model, layers),
         "data": data_fingerprint(batches),
