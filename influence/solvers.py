@@ -180,13 +180,16 @@ class LowRank:
     for all layers (a per-layer damping breaks the shared eigenbasis). Memory n P; O(n^2 P).
     """
 
-    rows: LayerGrads
+    rows: LayerGrads | None  # read once, then dropped (see __post_init__)
     damping: float = 0.0
 
     def __post_init__(self):
         self._check(self.damping)
         self.shapes = {name: tuple(g.shape[1:]) for name, g in self.rows.items()}
-        self.u = flatten(self.rows).double()  # (n, P)
+        # Straight to float64, layer by layer, and the rows are not kept: this solver holds the
+        # one (n, P) float64 matrix it needs (notebooks 04 and 06 invert n P ~ 1e8).
+        self.u = torch.cat([g.flatten(start_dim=1).double() for g in self.rows.values()], dim=1)
+        self.rows = None
         if not torch.isfinite(self.u).all():
             raise ValueError("rows hold NaN or inf: check the gradients")
         s, self.w = torch.linalg.eigh(self.u @ self.u.T)
