@@ -25,12 +25,22 @@ unit: $(STAMP)
 # Notebooks executed at once: each computes on one thread (influence.lab.notebook.setup).
 JOBS ?= 2
 
+# The re-executed notebooks write their figures and results.json (new timings) into a temporary
+# folder, not into figures/: a test run leaves a clean clone clean.
 nbval: $(STAMP)  ## re-execute every notebook, JOBS at a time, and check the marked cells
-	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout=3000 \
+	INFLUENCE_FIGURES=$$(mktemp -d)/figures \
+		$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout=3000 \
 		-n $(JOBS) --dist loadfile notebooks
 
 smoke: $(STAMP)  ## every notebook at the smoke profile, into a temporary folder
 	$(PY) -m influence.lab.runner --profile smoke --jobs $(JOBS) --out $$(mktemp -d)
+
+# kronfluence only for this comparison, pinned and without its declared dependencies: it
+# requires torchvision (never imported), whose wheel breaks transformers on the CPU torch.
+bench: $(STAMP)  ## our EK-FAC against kronfluence's -> benchmarks/results/kronfluence.json
+	$(PY) -m pip install --quiet 'accelerate>=0.31' 'einops>=0.8' 'opt_einsum>=3.3'
+	$(PY) -m pip install --quiet --no-deps kronfluence==1.0.1 einconv==0.1.0
+	$(PY) -m benchmarks.kronfluence_bench
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
