@@ -88,81 +88,58 @@ def _eigh(mats: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.
     return out
 
 
-def _fit(kind: str, model: nn.Module, batches: Batches, *, path, **options):
+def _fit(
+    kind: str,
+    model: nn.Module,
+    batches: Batches,
+    *,
+    layers: dict[str, nn.Module] | None = None,
+    fisher: str = "true",
+    seed: int = 0,
+    path: str | Path | None = None,
+    save_every: int | None = None,
+    progress: bool = True,
+    damping: float = 0.1,
+    relative: bool = True,
+):
     rank, world = rank_and_world()
     parallel = curvature.ALONE
     if world > 1:
         parallel = curvature.Parallel(reduce=_all_reduce, eigh=_eigh, write=rank == 0)
         if path is not None:
             dist.barrier()  # files written by rank 0 before this call are complete everywhere
-    options["progress"] = options["progress"] and rank == 0
     # curvature._fit writes the same metadata as one process: the files of sharded and
     # single-process fits are interchangeable (either one resumes the other).
     fit = curvature._fit(
-        kind, model, batches, path=path, shard=(rank, world), parallel=parallel, **options
+        kind,
+        model,
+        batches,
+        layers=layers,
+        fisher=fisher,
+        seed=seed,
+        path=path,
+        save_every=save_every,
+        progress=progress and rank == 0,
+        damping=damping,
+        relative=relative,
+        shard=(rank, world),
+        parallel=parallel,
     )
     if path is not None and world > 1:
         dist.barrier()  # rank 0's files are written when the fit returns on any process
     return fit
 
 
-def fit_ekfac(
-    model: nn.Module,
-    batches: Batches,
-    *,
-    layers: dict[str, nn.Module] | None = None,
-    fisher: str = "true",
-    seed: int = 0,
-    path: str | Path | None = None,
-    save_every: int | None = None,
-    progress: bool = True,
-    damping: float = 0.1,
-    relative: bool = True,
-) -> curvature.EKFAC:
-    """``influence.fit_ekfac`` with the batches shared by the processes; every process returns
-    the same factors. ``batches``: the same sequence on every process."""
-    return _fit(
-        "ekfac",
-        model,
-        batches,
-        layers=layers,
-        fisher=fisher,
-        seed=seed,
-        path=path,
-        save_every=save_every,
-        progress=progress,
-        damping=damping,
-        relative=relative,
-    )
+def fit_ekfac(model: nn.Module, batches: Batches, **options) -> curvature.EKFAC:
+    """``influence.fit_ekfac`` (the same keyword options) with the batches shared by the
+    processes; every process returns the same factors. ``batches``: the same sequence on every
+    process."""
+    return _fit("ekfac", model, batches, **options)
 
 
-def fit_kfac(
-    model: nn.Module,
-    batches: Batches,
-    *,
-    layers: dict[str, nn.Module] | None = None,
-    fisher: str = "true",
-    seed: int = 0,
-    path: str | Path | None = None,
-    save_every: int | None = None,
-    progress: bool = True,
-    damping: float = 0.1,
-    relative: bool = True,
-) -> curvature.KFAC:
+def fit_kfac(model: nn.Module, batches: Batches, **options) -> curvature.KFAC:
     """``influence.fit_kfac`` with the batches shared by the processes (see ``fit_ekfac``)."""
-    return _fit(
-        "kfac",
-        model,
-        batches,
-        layers=layers,
-        fisher=fisher,
-        seed=seed,
-        path=path,
-        save_every=save_every,
-        progress=progress,
-        damping=damping,
-        relative=relative,
-    )
+    return _fit("kfac", model, batches, **options)
 
 
 def _gather_columns(score: Callable[[list], torch.Tensor], batches: Iterable) -> torch.Tensor:
