@@ -158,7 +158,9 @@ def grads_from_pairs(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     The sum over tokens runs in at least float32: bf16 / fp16 pairs are upcast first (the
     dtype rule of ``influence.scores``)."""
     dtype = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
-    return torch.einsum("bto,bti->boi", g.to(dtype), a.to(dtype))
+    # A caller's torch.autocast would recast the einsum to bf16: the rule holds under it too.
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.einsum("bto,bti->boi", g.to(dtype), a.to(dtype))
 
 
 def per_example_grads(

@@ -242,7 +242,8 @@ def _scores(
             per, total = [], None
             for name in layers:
                 a, g = cap.a[name].to(dtype), cap.g[name].to(dtype)  # (B, T, d_in'), (B, T, d_out)
-                x = torch.cat([contract(a, g, block[name]) for block in blocks])  # (q, B[, T])
+                with torch.autocast(a.device.type, enabled=False):  # the dtype rule, always
+                    x = torch.cat([contract(a, g, block[name]) for block in blocks])  # (q, B[, T])
                 if per_layer:
                     per.append(x)
                 else:

@@ -327,3 +327,19 @@ def test_bf16_scores_follow_float32(make):
     low, ref = runs[torch.bfloat16], runs[torch.float32]
     assert low.dtype == torch.float32 and bool(low.isfinite().all())
     assert spearmanr(low.flatten(), ref.flatten()).statistic > 0.99
+
+
+def test_autocast_does_not_lower_the_contractions(gpt2):
+    # Under a caller's torch.autocast(bfloat16) the forward runs in bf16, but the per-example
+    # gradients and the score contractions stay float32 (they would come back bf16 otherwise).
+    train_batches = split_batch(make_batch([12, 9, 14, 10, 16, 11], seed=3), 3)
+    query_batch = make_batch([10, 14, 9], seed=4)
+    model = gpt2.float()
+    ref = pairwise_scores(
+        model, train_batches, collect_grads(model, [query_batch], progress=False), progress=False
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = collect_grads(model, [query_batch], progress=False)
+        low = pairwise_scores(model, train_batches, q, progress=False)
+    assert all(x.dtype == torch.float32 for x in q.values()) and low.dtype == torch.float32
+    assert spearmanr(low.flatten(), ref.flatten()).statistic > 0.99
