@@ -21,12 +21,10 @@ import torch
 from rank_bm25 import BM25Okapi
 from torch import nn
 
-from influence.data import as_batches
+from influence.data import Batch, as_batches
 from influence.gradients import collect_grads, to_device
 from influence.models import eval_mode, vocab_size
 from influence.modules import LayerGrads, flatten
-
-Batch = dict[str, torch.Tensor]
 
 
 def cosine_scores(queries: torch.Tensor, train: torch.Tensor) -> torch.Tensor:

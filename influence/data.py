@@ -59,6 +59,7 @@ import torch
 from influence.lm import IGNORE
 from influence.models import load_model  # noqa: F401 (the command line loads models from here)
 
+Batch = dict[str, torch.Tensor]  # the one batch type: KEYS -> (B, T) tensors
 KEYS = ("input_ids", "attention_mask", "labels")
 DEFAULT_BATCH_SIZE = 32
 LOSS_ON = ("response", "all")

@@ -32,9 +32,10 @@ import torch.distributed as dist
 from torch import nn
 
 from influence import curvature, scores
+from influence.data import Batch
 from influence.modules import LayerGrads
 
-Batches = Sequence[dict[str, torch.Tensor]]
+Batches = Sequence[Batch]
 
 
 def rank_and_world() -> tuple[int, int]:

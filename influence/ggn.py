@@ -27,12 +27,11 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from influence.data import Batch
 from influence.gradients import sample_labels
 from influence.lm import loss_mask, sequence_losses
 from influence.modules import LayerGrads, canonical_weight, flatten, layer_shape, to_native
 from influence.modules import unflatten as _unflatten
-
-Batch = dict[str, torch.Tensor]
 
 
 class GGN:

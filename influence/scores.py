@@ -54,22 +54,17 @@ layer and the queries.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
 
 import torch
 from torch import nn
 
-from influence.data import as_batches
-from influence.gradients import grads_from_pairs, iter_captures
+from influence.data import Batch, as_batches
+from influence.gradients import Gradients, grads_from_pairs, iter_captures
 from influence.io import model_fingerprint, weights_fingerprint
 from influence.modules import LayerGrads, find_layers, layer_shape
+from influence.solvers import Solver
 
-
-class Solver(Protocol):
-    def ihvp(self, v: LayerGrads) -> LayerGrads: ...
-
-
-Batches = Iterable[dict[str, torch.Tensor]]
+Batches = Iterable[Batch]
 # one layer's prepared query block: P (q, d_out, d_in'), or its rank-r factors (U S, V)
 Block = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 # contract(a (B, T, d_in'), g (B, T, d_out), block) -> (q, B) or (q, B, T) scores of one layer
@@ -129,6 +124,15 @@ def _check_provenance(model: nn.Module, queries: LayerGrads, solver: Solver | No
                 "them against this model on purpose)"
             )
     check_solver(model, solver)
+    if isinstance(queries, Gradients):  # from collect_grads: a zero row counted no token
+        zero = torch.stack([q.flatten(1).abs().amax(1) == 0 for q in queries.values()]).all(0)
+        if bool(zero.any()):
+            rows = zero.nonzero().flatten().tolist()
+            raise ValueError(
+                f"queries {rows[:10]} have a zero gradient: none of their tokens is counted "
+                "(labels all -100 after position 0), so every score would be 0; set the "
+                "labels of the tokens the query measures"
+            )
 
 
 def _check_finite(tensors: LayerGrads, what: str, rows: slice, hint: str) -> None:

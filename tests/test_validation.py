@@ -141,6 +141,9 @@ def test_query_with_no_counted_label(gpt2, batch):
     with pytest.warns(DataWarning, match=r"batch 0, rows \[1\]: no counted label"):
         grads = collect_grads(gpt2, [batch], layers=layers, progress=False)
     assert all(float(g[1].abs().max()) == 0 and float(g[0].abs().max()) > 0 for g in grads.values())
+    # scored as queries, the zero row is an error, not a row of zero scores
+    with pytest.raises(ValueError, match=r"queries \[1\] have a zero gradient"):
+        pairwise_scores(gpt2, [batch], grads, progress=False)
 
 
 # ---- data containers ---------------------------------------------------------------------

@@ -8,6 +8,8 @@
   return its JSON result, so that its peak memory is its own (no heap left by earlier work).
 - ``ekfac_fit_cost(...)``: build a GPT-2 of a given width (fixed seed, untrained), fit EK-FAC
   on fixed batches, and report the fitting time and the peak extra resident memory.
+- ``scale_cost(...)``: the scale ladder: a random-init GPT-2 of a given width and depth on
+  random token sequences; EK-FAC fit and pairwise-scoring time and peak memory.
 
 Memory is the resident set size (RSS) of the process, read from ``/proc/self/status``: the
 peak (VmHWM) is reset just before fitting through ``/proc/self/clear_refs`` (Linux >= 4.0),
@@ -180,7 +182,105 @@ def ekfac_fit_cost(
     }
 
 
-ISOLATED = {"ekfac_fit_cost": ekfac_fit_cost}
+def scale_cost(
+    width: int,
+    n_layer: int,
+    n_examples: int,
+    seq_len: int,
+    n_query: int = 4,
+    batch_size: int = 8,
+    seed: int = 0,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> dict:
+    """EK-FAC fit and pairwise-scoring cost of a random-init GPT-2 on random token sequences.
+
+    The model has ``n_layer`` blocks of ``width``, 4 heads, d_ff = 4 width, a fixed random init
+    from its config (no training: the cost does not depend on the weights), and every block
+    layer tracked (P = 12 width^2 n_layer + biases). The data are ``n_examples`` training and
+    ``n_query`` query sequences of ``seq_len`` uniform random tokens, loss on every token (the
+    cost does not depend on which tokens). One fit (``fit_ekfac``, true Fisher) and one
+    ``pairwise_scores`` with that EK-FAC (query gradients included), each timed once and
+    measured from a reset peak. Memory: peak RSS - RSS before on the CPU (MiB); on a GPU,
+    ``torch.cuda.max_memory_allocated`` - allocated before.
+
+    Returns {params (tracked), model_params, n_examples, seq_len, fit_seconds, fit_peak_mb,
+    score_seconds, score_peak_mb, peak_rss_mb (the process's peak, MiB), peak_reset}.
+    """
+    import gc
+
+    import torch
+
+    from influence.curvature import fit_ekfac
+    from influence.gradients import collect_grads
+    from influence.lab.notebook import seed_everything
+    from influence.lab.tokenizer import load_tokenizer
+    from influence.lab.zoo import ModelConfig
+    from influence.modules import find_layers, layer_shape
+    from influence.scores import pairwise_scores
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    tok = load_tokenizer()
+    seed_everything(seed)
+    model = ModelConfig("gpt2", n_layer, width, n_head=4, d_ff=4 * width, max_len=seq_len)
+    model = model.build(tok).to(device).eval()
+    layers = find_layers(model)
+    params = sum(o * i for o, i in (layer_shape(m) for m in layers.values()))
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches(n: int) -> list[dict]:
+        ids = torch.randint(len(tok), (n, seq_len), generator=gen)  # (n, T)
+        return [
+            {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+            for x in ids.split(batch_size)
+        ]
+
+    train, queries = batches(n_examples), batches(n_query)
+    cuda = device.startswith("cuda")
+    resets = []  # whether each CPU peak could be reset (else an upper bound)
+
+    def measured(fn):  # (result, seconds, peak extra MiB)
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            before = rss_mb()
+            resets.append(reset_peak_rss())
+        with stopwatch() as t:
+            out = fn()
+            if cuda:
+                torch.cuda.synchronize()
+        if cuda:
+            return out, t.seconds, (torch.cuda.max_memory_allocated() - before) / 2**20
+        return out, t.seconds, peak_rss_mb() - before
+
+    ekfac, fit_seconds, fit_peak = measured(
+        lambda: fit_ekfac(model, train, layers=layers, seed=seed, progress=False)
+    )
+
+    def score():
+        q = collect_grads(model, queries, layers=layers, progress=False)  # (Q, d_out, d_in')
+        return pairwise_scores(model, train, q, solver=ekfac, progress=False)  # (Q, N)
+
+    _, score_seconds, score_peak = measured(score)
+    return {
+        "params": params,
+        "model_params": sum(p.numel() for p in model.parameters()),
+        "n_examples": n_examples,
+        "seq_len": seq_len,
+        "fit_seconds": fit_seconds,
+        "fit_peak_mb": fit_peak,
+        "score_seconds": score_seconds,
+        "score_peak_mb": score_peak,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_reset": all(resets),
+    }
+
+
+ISOLATED = {"ekfac_fit_cost": ekfac_fit_cost, "scale_cost": scale_cost}
 
 
 def isolated(name: str, **kwargs) -> dict:
