@@ -33,10 +33,14 @@ def cosine_scores(queries: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"queries have {queries.shape[-1]} features, training examples {train.shape[-1]}"
         )
-    q, t = queries.double(), train.double()
-    q = q / q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
-    t = t / t.norm(dim=1, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
-    return (q @ t.T).clamp(-1.0, 1.0)  # rounding may leave |cos| a hair above 1
+    tiny = torch.finfo(torch.float64).tiny
+    q = queries.double()
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(tiny)
+    out = torch.empty(q.shape[0], train.shape[0], dtype=torch.float64, device=q.device)
+    for start in range(0, train.shape[0], 256):  # float64 copies of 256 rows, not of all N
+        t = train[start : start + 256].double()
+        out[:, start : start + 256] = q @ (t / t.norm(dim=1, keepdim=True).clamp_min(tiny)).T
+    return out.clamp(-1.0, 1.0)  # rounding may leave |cos| a hair above 1
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

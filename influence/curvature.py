@@ -62,7 +62,7 @@ class KFAC:
     eigvecs_a: dict[str, torch.Tensor]
     eigvecs_s: dict[str, torch.Tensor]
     eigenvalues: dict[str, torch.Tensor]
-    damping: float = 0.1
+    damping: float | dict[str, float] = 0.1  # a dict: absolute, per layer (influence.damping)
     relative: bool = True  # damping = factor x the layer's mean eigenvalue
     meta: dict = dataclasses.field(default_factory=dict)
 
@@ -72,12 +72,21 @@ class KFAC:
 
     def damping_of(self, name: str) -> float:
         """The absolute damping lambda of layer ``name``."""
+        if isinstance(self.damping, dict):
+            if name not in self.damping:
+                raise KeyError(f"the damping has no value for layer {name!r}")
+            return float(self.damping[name])
         if self.relative:
             return self.damping * float(self.eigenvalues[name].mean())
         return self.damping
 
-    def with_damping(self, damping: float, relative: bool = True) -> KFAC:
-        """The same factors with another damping (tensors are shared, not copied)."""
+    def with_damping(self, damping: float | dict[str, float], relative: bool = True) -> KFAC:
+        """The same factors with another damping (tensors are shared, not copied).
+
+        A dict {layer: lambda} is absolute per layer (``influence.damping.damping`` makes one
+        that every method of a comparison shares); ``relative`` then does not apply."""
+        if isinstance(damping, dict):
+            return dataclasses.replace(self, damping=dict(damping), relative=False)
         return dataclasses.replace(self, damping=damping, relative=relative)
 
     def ihvp(self, v: LayerGrads) -> LayerGrads:
@@ -120,9 +129,12 @@ class KFAC:
         """The absolute damping of layer ``name``, refused when non-finite or when it leaves
         the damped eigenvalues <= 0 or spanning more than 1 / MIN_RATIO."""
         lam = self.damping_of(name)
-        what = f"damping {self.damping!r}" + (
-            f" (relative: {lam:.3g} for this layer)" if self.relative else " (absolute)"
-        )
+        if isinstance(self.damping, dict):
+            what = f"damping {lam!r} (absolute, per layer)"
+        else:
+            what = f"damping {self.damping!r}" + (
+                f" (relative: {lam:.3g} for this layer)" if self.relative else " (absolute)"
+            )
         use = "e.g. with_damping(0.1) (0.1 x each layer's mean eigenvalue)"
         if not math.isfinite(lam):
             raise ValueError(f"layer {name!r}: {what} is not finite; use a finite damping, {use}")

@@ -168,51 +168,98 @@ class Exact:
 
 @dataclass
 class LowRank:
-    """Exact (F + lam I)^{-1} v for a low-rank curvature F = (1/n) sum_i u_i u_i^T, any P.
+    """Exact (F + D)^{-1} v for a low-rank curvature F = (1/n) sum_i u_i u_i^T, any P.
 
     ``rows``: the n vectors u_i ({layer: (n, d_out, d_in')}): per-example training gradients
     (F = the empirical Fisher, DataInf's matrix, exactly inverted), gradients with labels drawn
     from the model (a Monte-Carlo true Fisher), or the columns of ``GGN.jacobian`` (the GGN).
+    D is the damping: lam_l on the entries of layer l (a float: the same for every layer).
     With U = (n, P) and the Woodbury identity,
-        (U^T U / n + lam I)^{-1} v = (v - U^T (n lam I + U U^T)^{-1} U v) / lam,
-    one (n, n) eigendecomposition U U^T = W diag(s) W^T serves every damping (``with_damping``).
-    ``eigenvalues`` are F's nonzero spectrum s / n (the other P - n are 0). Damping: one float
-    for all layers (a per-layer damping breaks the shared eigenbasis). Memory n P; O(n^2 P).
+        (U^T U / n + D)^{-1} v = D^{-1} v - D^{-1} U^T (n I + U D^{-1} U^T)^{-1} U D^{-1} v,
+    and one (n, n) eigendecomposition of U D^{-1} U^T serves every multiple c D of the damping
+    (a damping sweep: ``with_damping``); another per-layer profile costs one more. The inverse is
+    exact to float64 round-off for the matrix F (a Monte-Carlo Fisher is itself an estimate).
+    ``eigenvalues``: F's nonzero spectrum (descending; the other P - n are 0). Memory n P;
+    O(n^2 P) per profile.
     """
 
     rows: LayerGrads | None  # read once, then dropped (see __post_init__)
-    damping: float = 0.0
+    damping: Damping = 1.0
 
     def __post_init__(self):
-        self._check(self.damping)
         self.shapes = {name: tuple(g.shape[1:]) for name, g in self.rows.items()}
-        # Straight to float64, layer by layer, and the rows are not kept: this solver holds the
-        # one (n, P) float64 matrix it needs (notebooks 04 and 06 invert n P ~ 1e8).
-        self.u = torch.cat([g.flatten(start_dim=1).double() for g in self.rows.values()], dim=1)
+        self._blocks = {}  # layer -> slice of its columns in u
+        start = 0
+        for name, (o, i) in self.shapes.items():
+            self._blocks[name], start = slice(start, start + o * i), start + o * i
+        # Straight to float64, layer by layer into one buffer, and the rows are not kept: this
+        # solver holds the one (n, P) float64 matrix it needs (notebooks 04-06 invert n P ~ 1e8).
+        first = next(iter(self.rows.values()))
+        self.u = torch.empty(first.shape[0], start, dtype=torch.float64, device=first.device)
+        for name, g in self.rows.items():
+            self.u[:, self._blocks[name]].copy_(g.flatten(start_dim=1))
         self.rows = None
-        if not torch.isfinite(self.u).all():
+        if not all(torch.isfinite(part).all() for part in self.u.split(64)):  # no n x P temporary
             raise ValueError("rows hold NaN or inf: check the gradients")
-        s, self.w = torch.linalg.eigh(self.u @ self.u.T)
-        self.eigenvalues = s.clamp(min=0).flip(0) / len(s)  # descending
+        self.lam = self._checked(self.damping)
+        self._basis: tuple | None = None  # (profile, s, w): U diag(profile)^-1 U^T = W S W^T
+        self._spectrum: torch.Tensor | None = None
 
-    @staticmethod
-    def _check(damping) -> None:
-        if not isinstance(damping, (int, float)) or not damping > 0:
-            raise ValueError(f"LowRank needs one damping > 0 (a float), got {damping!r}")
+    def _checked(self, damping: Damping) -> dict[str, float]:
+        lam = _per_layer(damping, self.shapes)
+        bad = {n: d for n, d in lam.items() if not (math.isfinite(d) and d > 0)}
+        if bad:
+            raise ValueError(f"LowRank needs a finite damping > 0 on every layer, got {bad}")
+        return lam
 
-    def with_damping(self, damping: float) -> LowRank:
-        """The same matrix with another damping (no new eigendecomposition)."""
-        self._check(damping)
+    def _gram(self, profile: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenpairs (ascending) of U diag(profile)^-1 U^T, summed layer by layer."""
+        n = self.u.shape[0]
+        gram = torch.zeros(n, n, dtype=torch.float64, device=self.u.device)
+        for name, block in self._blocks.items():
+            part = self.u[:, block]
+            gram += (part @ part.T) / profile[name]
+        s, w = torch.linalg.eigh(gram)
+        return s.clamp(min=0), w
+
+    def _eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenpairs of U D^-1 U^T for this damping, reusing the profile's when D is a
+        multiple of it."""
+        first = next(iter(self.lam))
+        if self._basis is not None:
+            profile, s, w = self._basis
+            c = self.lam[first] / profile[first]
+            if all(math.isclose(self.lam[k], c * profile[k], rel_tol=1e-12) for k in profile):
+                return s / c, w
+        s, w = self._gram(self.lam)
+        self._basis = (dict(self.lam), s, w)
+        return s, w
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        """F's nonzero spectrum s / n, descending (one eigendecomposition of U U^T, cached)."""
+        if self._spectrum is None:
+            s, _ = self._gram(dict.fromkeys(self.shapes, 1.0))
+            self._spectrum = s.flip(0) / self.u.shape[0]
+        return self._spectrum
+
+    def with_damping(self, damping: Damping) -> LowRank:
+        """The same matrix with another damping (no new eigendecomposition for a multiple of
+        the current per-layer profile)."""
         out = copy.copy(self)
-        out.damping = damping
+        out.damping, out.lam = damping, self._checked(damping)
+        if self._basis is None:
+            self._basis = (dict(self.lam), *self._gram(self.lam))
+        out._basis = self._basis
         return out
 
     def ihvp(self, v: LayerGrads) -> LayerGrads:
         x = _flat(v, self.shapes).to(self.u)  # (Q, P)
-        n, lam = self.u.shape[0], self.damping
-        s = (self.eigenvalues.flip(0) * n).to(self.u)  # ascending, as self.w
-        coef = ((x @ self.u.T) @ self.w) / (n * lam + s)  # (Q, n) in the eigenbasis
-        out = (x - (coef @ self.w.T) @ self.u) / lam
+        d = _damping_vector(self.lam, self.shapes).to(self.u)  # (P,)
+        s, w = self._eig()
+        y = x / d
+        coef = ((y @ self.u.T) @ w) / (self.u.shape[0] + s)  # (Q, n) in the eigenbasis
+        out = y - ((coef @ w.T) @ self.u) / d
         like = next(iter(v.values()))
         return unflatten(out.to(like), self.shapes)
 

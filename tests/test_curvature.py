@@ -164,6 +164,15 @@ def test_damping_absolute_and_relative(gpt2):
     assert ekfac.with_damping(0.5, relative=False).damping_of(name) == 0.5
     with pytest.raises(ValueError, match="damped eigenvalue"):
         ekfac.with_damping(-1e6, relative=False).ihvp(random_v(ekfac))
+    # A dict is absolute per layer: each layer is solved with its own value, as if alone.
+    per_layer = {n: 0.01 * (k + 1) for k, n in enumerate(ekfac.eigenvalues)}
+    v = random_v(ekfac)
+    out = ekfac.with_damping(per_layer).ihvp(v)
+    for n, lam in per_layer.items():
+        alone = ekfac.with_damping(lam, relative=False).ihvp({n: v[n]})[n]
+        assert torch.equal(out[n], alone)
+    with pytest.raises(KeyError, match="no value for layer"):
+        ekfac.with_damping({name: 0.1}).ihvp(v)
 
 
 def test_true_fisher_is_seeded(gpt2):

@@ -335,8 +335,19 @@ def test_low_rank_is_the_exact_inverse_of_the_empirical_fisher(problem):
     assert rel_err(again.ihvp(v), LowRank(grads, 1e-2).ihvp(v)) < 1e-12
     top = torch.linalg.eigvalsh(fisher).flip(0)[: len(solver.eigenvalues)]
     assert torch.allclose(solver.eigenvalues, top, atol=1e-10 * top[0])
-    with pytest.raises(ValueError, match="one damping > 0"):
-        LowRank(grads, {n: 0.1 for n in grads})
+    # Per layer: the Woodbury form with D = diag(lam_l), and a multiple of D (a damping sweep)
+    # that reuses the eigendecomposition of U D^-1 U^T.
+    per_layer = {n: 10.0 ** -(k % 3) for k, n in enumerate(ggn.shapes)}
+    solver = LowRank(grads, per_layer)
+    for c in (1.0, 1e-2, 1e2):
+        lam = {n: c * x for n, x in per_layer.items()}
+        expected = solve(fisher, damping_vector(lam, ggn.shapes), v, ggn.shapes)
+        assert rel_err(solver.with_damping(lam).ihvp(v), expected) < 1e-9
+    assert solver.with_damping({n: 2 * x for n, x in per_layer.items()})._basis is solver._basis
+    with pytest.raises(ValueError, match="finite damping > 0"):
+        LowRank(grads, {n: 0.0 for n in grads})
+    with pytest.raises(ValueError, match="no value for layers"):
+        LowRank(grads, {next(iter(grads)): 0.1})
     with pytest.raises(ValueError, match="NaN"):
         LowRank({n: g * float("nan") for n, g in grads.items()}, 0.1)
 
