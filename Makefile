@@ -20,7 +20,7 @@ reproduce: $(STAMP)  ## execute every notebook in place at the default profile
 test: unit nbval  ## unit tests, then nbval re-executing every committed notebook
 
 unit: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(JOBS)
 
 # Notebooks executed at once: each computes on one thread (influence.lab.notebook.setup).
 JOBS ?= 2

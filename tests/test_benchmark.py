@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from influence import solvers
 from influence.gradients import collect_grads
 from influence.lab import benchmark, zoo
 from influence.lab.tasks import load_task
@@ -18,7 +19,7 @@ TASK = "mixeds"  # 40 training examples, 2 classes
 def result(tmp_path_factory):
     cache = tmp_path_factory.mktemp("zoo")
     out = benchmark.task_scores(TASK, "lora", 0, "smoke", n_query=6, curv_examples=4,
-                                fit_examples=8, lissa_depth=2, cache=cache)  # fmt: skip
+                                fit_examples=8, lissa_depth=2, cache=cache, sweep=(0.1, 10.0))  # fmt: skip
     return out, cache
 
 
@@ -57,30 +58,61 @@ def test_identity_scores_are_gradient_dot_products(result):
     assert gap < 0.05, gap
 
 
-def test_exact_is_a_dense_solve_of_the_sampled_fisher(result):
-    # Exact = g_q^T (F + lam I)^{-1} g_z with F = (1/N) sum_i s_i s_i^T over the sampled-label
-    # gradients of all N training sequences, lam = 0.1 tr(F) / P: checked by a dense solve.
+def test_mc_fisher_is_a_dense_solve_with_the_shared_damping(result):
+    # MC Fisher = g_q^T (F + D)^{-1} g_z with F = (1/N) sum_i s_i s_i^T over the sampled-label
+    # gradients of all N training sequences and D = 0.1 tr(F_l) / P_l on layer l (the rule every
+    # damped method shares): checked by a dense solve.
     out, cache = result
     path = benchmark.model_path(TASK, "lora", 0, "smoke", cache=cache)
     model, tok = zoo.load_model(path, trainable="lora_"), zoo.load_tokenizer(path)
     layers = find_layers(model, include="lora_")
     train = make_batches(tok, load_task(TASK, "train"), 32)
     queries = [ex for ex in load_task(TASK, "test") if ex["id"] in out.info["queries"]]
-    s = flatten(
-        collect_grads(model, train, layers=layers, progress=False, fisher="true", seed=0)
-    ).double()
+    sampled = collect_grads(model, train, layers=layers, progress=False, fisher="true", seed=0)
+    s = flatten(sampled).double()
     t = flatten(collect_grads(model, train, layers=layers, progress=False)).double()
     q = flatten(
         collect_grads(model, make_batches(tok, queries, 32), layers=layers, progress=False)
     ).double()
     fisher = s.T @ s / len(s)
-    lam = 0.1 * fisher.trace() / len(fisher)
-    eye = torch.eye(len(fisher), dtype=torch.float64)
-    expected = (torch.linalg.solve(fisher + lam * eye, q.T).T @ t.T).numpy()
+    lam = torch.cat(
+        [torch.full((g[0].numel(),), 0.1 * float(g.double().pow(2).sum()) / g.numel())
+         for g in sampled.values()]
+    ).double()  # fmt: skip
+    assert lam.unique().numel() == len(sampled)  # one value per layer, not one for all
+    assert np.allclose([out.info["damping"][n] for n in sampled], lam.unique_consecutive())
+    expected = (torch.linalg.solve(fisher + torch.diag(lam), q.T).T @ t.T).numpy()
+    # The solve is float64; the benchmark contracts its output with the float32 training
+    # gradients in float32 (Prepared.score: half the memory), hence float32 round-off here.
     np.testing.assert_allclose(
-        out.scores["Exact"], expected, rtol=1e-6, atol=1e-9 * abs(expected).max()
+        out.scores["MC Fisher"], expected, rtol=1e-4, atol=1e-6 * abs(expected).max()
     )
-    assert not np.allclose(out.scores["Exact"], out.scores["Gradient dot"] / lam.item(), rtol=0.1)
+    # The sweep's factor 0.1 is the fixed rule; another factor gives other scores.
+    np.testing.assert_allclose(out.sweep["MC Fisher"][0.1], out.scores["MC Fisher"], rtol=1e-5)
+    assert not np.allclose(out.sweep["MC Fisher"][10.0], out.scores["MC Fisher"], rtol=0.1)
+
+
+def test_every_damped_method_gets_the_same_damping(result, monkeypatch):
+    # Record the damping each solver is built with at the fixed rule: one dict for all.
+    out, cache = result
+    seen = {}
+    real = {"DataInf": solvers.DataInf, "LiSSA": solvers.LiSSA}
+
+    def spy(name):
+        def make(*args, damping, **kwargs):
+            seen[name] = damping
+            return real[name](*args, damping=damping, **kwargs)
+
+        return make
+
+    monkeypatch.setattr(solvers, "DataInf", spy("DataInf"))
+    monkeypatch.setattr(solvers, "LiSSA", spy("LiSSA"))
+    again = benchmark.task_scores(TASK, "lora", 0, "smoke", n_query=6, curv_examples=4,
+                                  fit_examples=8, lissa_depth=2, cache=cache,
+                                  methods=("DataInf", "LiSSA"))  # fmt: skip
+    assert seen["DataInf"] == seen["LiSSA"] == out.info["damping"] == again.info["damping"]
+    np.testing.assert_array_equal(again.scores["DataInf"], out.scores["DataInf"])
+    assert out.info["lissa_residual"] > 0 and out.info["lissa_steps_to_1e6"] > 2
 
 
 def test_shapes_labels_and_queries_line_up(result):

@@ -1,0 +1,63 @@
+"""Notebooks 03-05's pipeline (influence.lab.grid) on a smoke-size zoo."""
+
+import json
+
+import numpy as np
+import pytest
+
+from influence.lab import benchmark, grid
+from influence.lab.notebook import _jsonable
+
+TASK = "mixeds"  # 40 training examples, 2 classes
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    sizes = dict(curv_examples=4, fit_examples=8, lissa_depth=2,
+                 cache=tmp_path_factory.mktemp("zoo"))  # fmt: skip
+    g = grid.Grid([TASK], ["lora"], [0, 1], "smoke", {TASK: ["harmful"]}, n_query=6,
+                  sizes=sizes, sweep=(1e-2, 0.1, 10.0)).run()  # fmt: skip
+    return g, g.table()
+
+
+def test_table_levels_and_tuned(run):
+    g, table = run
+    assert set(table[TASK]["lora"]) == set(benchmark.METHODS)
+    first = g.runs[TASK, "lora"][0]
+    keep = first.query_labels == "harmful"
+    share = np.mean(first.train_labels == "harmful")
+    levels = g.levels(TASK)
+    assert levels["chance"] == pytest.approx(share)
+    k = len(first.train_labels) // 2
+    assert levels["ceiling"] == pytest.approx(min(np.sum(first.train_labels == "harmful"), k) / k)
+    assert keep.any() and len(g.runs[TASK, "lora"]) == 2
+    assert not g.runs[TASK, "lora"][1].sweep  # the sweep runs on the first seed only
+    tuned = g.tuned()[TASK]["lora"]
+    assert set(tuned) == set(benchmark.DAMPED)
+    for method, metrics in tuned.items():
+        for metric, t in metrics.items():
+            assert t["factor"] in g.sweep
+            assert t["value"] >= t["fixed"] - 1e-12, (method, metric)  # 0.1 is in the sweep
+    frame = g.sweep_frame()
+    assert len(frame) == len(g.sweep) * len(benchmark.DAMPED) * len(grid.METRICS)
+
+
+def test_winner_reads_the_metric():
+    m = {"RepSim": {"auc": {"mean": 0.9}, "coverage": {"mean": 0.3}},
+         "EK-FAC": {"auc": {"mean": 0.7}, "coverage": {"mean": 0.6}},
+         "Gradient dot": {"auc": {"mean": 0.88}, "coverage": {"mean": 0.32}}}  # fmt: skip
+    assert grid.winner(m, "auc", ["EK-FAC"]) == "RepSim"
+    assert grid.winner(m, "coverage", ["EK-FAC"]) == "influence"
+    assert grid.winner(m, "auc", ["EK-FAC", "Gradient dot"]) == "tie"
+
+
+def test_results_are_json_and_figures_draw(run):
+    g, table = run
+    out = grid.results(g, table)
+    text = json.dumps(_jsonable(out))
+    assert "tuned" in text and out["table"][TASK]["lora"]["EK-FAC"]["ci"]["auc"][0] <= 1
+    assert out["lissa"][0]["residual"] > 0
+    fig = grid.plot_metrics(g, table)
+    assert len(fig.axes) == len(grid.METRICS)
+    fig = grid.plot_sweep(g)
+    assert fig.axes[0].get_lines()
