@@ -501,10 +501,11 @@ class Spec:
 
 def specs(profile: str = "default") -> dict[str, Spec]:
     """Every model of the zoo at `profile`'s size, by name: ``gpt2-base``, ``llama-base``,
-    ``gpt2-<task>-lora`` and ``gpt2-<task>-full`` per paper-B task, ``llama-emotion-lora``,
+    ``gpt2-<task>-lora`` and ``gpt2-<task>-full`` per paper-B task (``TASKS``) and per added
+    task (``EXTRA_TASKS``, e.g. ``gpt2-factpoison-lora``), ``llama-emotion-lora``,
     ``gpt2-knowledge-full`` (paper A's QA fine-tune) and ``gpt2-knowledge-prox`` (the same with
     the proximity term of multi-stage influence, a = ``PROXIMITY``)."""
-    from influence.lab.tasks import TASKS
+    from influence.lab.tasks import EXTRA_TASKS, TASKS
 
     # d_model, layers, pre-training epochs, fine-tuning steps (full, LoRA), examples used
     d, n_layer, epochs, full_steps, lora_steps, limit = pick(
@@ -521,7 +522,7 @@ def specs(profile: str = "default") -> dict[str, Spec]:
         pre = TrainConfig("pretrain", epochs=epochs, lr=3e-3, batch_size=32, loss_on="all",
                           limit=n_texts)  # fmt: skip
         out[f"{arch}-base"] = Spec(f"{arch}-base", pre, model=model)
-    tuned = [(f"gpt2-{t}", "gpt2-base", t) for t in (*TASKS, "knowledge")]
+    tuned = [(f"gpt2-{t}", "gpt2-base", t) for t in (*TASKS, "knowledge", *EXTRA_TASKS)]
     tuned.append(("llama-emotion", "llama-base", "emotion"))
     for stem, base, task in tuned:
         for mode, lr, steps in (("lora", 1e-2, lora_steps), ("full", 3e-3, full_steps)):
