@@ -338,7 +338,7 @@ def task_scores(
     )  # fmt: skip
 
 
-def _kept(run: TaskScores, labels: Sequence | None) -> np.ndarray:
+def query_mask(run: TaskScores, labels: Sequence | None) -> np.ndarray:
     """(Q,) mask of the queries whose class is in `labels` (None: all)."""
     if labels is None:
         return np.ones(len(run.query_labels), bool)
@@ -355,7 +355,7 @@ def evaluate(
     damped methods' scores at this factor of the sweep instead of the fixed rule."""
     per_method: dict[str, list] = {}
     for run in runs:
-        keep = _kept(run, labels)
+        keep = query_mask(run, labels)
         scores = run.scores if factor is None else {m: s[factor] for m, s in run.sweep.items()}
         for method, s in scores.items():
             m = attribution.rank_metrics(
@@ -371,7 +371,7 @@ def norm_outliers(run: TaskScores, method: str, labels: Sequence | None = None) 
     top-1; ``norm_corr``, the Spearman correlation of the training gradient norms with the mean
     score over queries; ``top1_norm_pct``, the mean percentile (0-100) of the top-1 examples'
     gradient norms (50 = no preference for large gradients)."""
-    scores = run.scores[method][_kept(run, labels)]
+    scores = run.scores[method][query_mask(run, labels)]
     top1 = scores.argmax(1)  # (Q,)
     pct = 100 * stats.rankdata(run.train_grad_norms)[top1] / len(run.train_grad_norms)
     return dict(

@@ -65,6 +65,7 @@ class Grid:
         return self
 
     def classes(self, task: str):
+        """The classes of ``task``'s scored queries (None: every training class)."""
         return self.query_classes.get(task)
 
     def describe(self) -> str:
@@ -72,7 +73,7 @@ class Grid:
         lines = []
         for task in self.tasks:
             r = self.runs[task, self.modes[0]][0]
-            keep = benchmark._kept(r, self.classes(task))
+            keep = benchmark.query_mask(r, self.classes(task))
             params = ", ".join(
                 f"{self.runs[task, m][0].info['params']:,} ({m})" for m in self.modes
             )
@@ -98,7 +99,7 @@ class Grid:
         AUC 0.5, and the coverage ceiling min(n_class, k) / k (below 1 when the query's class
         has fewer than k = floor(N / classes) training examples)."""
         r = self.runs[task, self.modes[0]][0]
-        q = r.query_labels[benchmark._kept(r, self.classes(task))]
+        q = r.query_labels[benchmark.query_mask(r, self.classes(task))]
         share = [np.mean(r.train_labels == c) for c in q]
         k = attribution.default_k(r.train_labels)
         ceiling = [min(int(np.sum(r.train_labels == c)), k) / k for c in q]
