@@ -126,6 +126,17 @@ def model_path(
     return zoo.finetune(base, task, cfg, name=name)
 
 
+def load(path: Path, mode: str, step: int | None = None, full_layers: str = FULL_LAYERS):
+    """(model, tokenizer, tracked layers) of the fine-tune at `path` (after `step` training
+    steps when given): LoRA tracks every adapter, full fine-tuning the `full_layers`."""
+    include = r"lora_[AB]" if mode == "lora" else full_layers
+    if step is None:
+        model = zoo.load_model(path, trainable=include)
+    else:
+        model = zoo.load_checkpoint(path, step, trainable=include)
+    return model, zoo.load_tokenizer(path), find_layers(model, include=include)
+
+
 def _prompt_batches(tok, examples, batch_size) -> list[dict]:
     """Batches of the prompts alone, the appended eos masked out: the last non-padding token is
     the prompt's last token (RepSim's position; causal attention, so masking it changes
@@ -285,13 +296,7 @@ def task_scores(
     """
     start = time.perf_counter()
     path = model_path(task, mode, seed, profile, loss_on, cache, checkpoints)
-    include = r"lora_[AB]" if mode == "lora" else full_layers
-    if step is None:
-        model = zoo.load_model(path, trainable=include)
-    else:
-        model = zoo.load_checkpoint(path, step, trainable=include)
-    tok = zoo.load_tokenizer(path)
-    layers = find_layers(model, include=include)
+    model, tok, layers = load(path, mode, step, full_layers)
     train_seconds, clock = time.perf_counter() - start, time.perf_counter()
     train = load_task(task, "train")
     classes = [ex["label"] for ex in train] if query_classes is None else query_classes
