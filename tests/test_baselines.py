@@ -1,10 +1,11 @@
-"""RepSim and gradient cosine against hand-computed cosines on tiny float64 models."""
+"""RepSim and gradient cosine against hand-computed cosines on tiny float64 models; TRAK against
+the dense empirical-Fisher influence, TracIn against a loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, unpad
+from conftest import assert_rel, make_batch, make_gpt2_lora, unpad
 from transformers.pytorch_utils import Conv1D
 
 from influence.baselines import (
@@ -14,9 +15,12 @@ from influence.baselines import (
     hidden_states,
     last_token_index,
     repsim_scores,
+    tracin_scores,
+    trak_scores,
 )
+from influence.gradients import collect_grads
 from influence.lm import sequence_losses
-from influence.modules import find_layers
+from influence.modules import find_layers, flatten
 
 
 def autograd_flat_grad(model, layers, batch) -> torch.Tensor:
@@ -101,3 +105,101 @@ def test_cosine_of_a_zero_vector_is_zero_and_shapes_are_checked():
         cosine_scores(a, torch.zeros(1, 3))
     with pytest.raises(ValueError, match="differ"):
         gradient_cosine_from_grads({"x": torch.zeros(1, 2, 2)}, {"y": torch.zeros(1, 2, 2)})
+
+
+# ---- TRAK and TracIn --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_grads():
+    """Flat gradients of one LoRA adapter (P = 96) for N = 128 > P training sequences and 3
+    queries, so that G^T G is invertible. (Not lora_A: its inputs, LayerNorm outputs with
+    beta = 0, have zero mean, so its gradients span 30 of its 32 dimensions.)"""
+    model = make_gpt2_lora()
+    layers = find_layers(model, include=r"h\.0\..*lora_B")
+    train = make_batch([4 + i % 5 for i in range(128)], seed=1)
+    queries = make_batch([7, 5, 6], seed=2)
+    grads = [
+        flatten(collect_grads(model, b, layers=layers, progress=False)) for b in (train, queries)
+    ]
+    return grads[0], grads[1]  # (128, 96), (3, 96)
+
+
+def test_trak_with_dim_p_and_no_damping_is_the_empirical_fisher_influence(lora_grads):
+    # With R square and invertible the projection cancels: Q R (R^T G^T G R)^{-1} R^T G^T
+    # = Q (G^T G)^{-1} G^T = Q G^+ (pinv: the rounding of cond(G) ~ 4e3, not of cond(G)^2).
+    g, q = lora_grads
+    expected = q @ torch.linalg.pinv(g)  # (3, 128)
+    assert_rel(q @ torch.linalg.solve(g.T @ g, g.T), expected, 1e-9)  # the definition
+    for seed in range(3):
+        assert_rel(trak_scores([g], [q], dim=g.shape[1], damping=0.0, seed=seed), expected, 1e-11)
+    # dim > P: K is singular without damping; as damping -> 0 the scores tend to the same
+    # limit, at an error O(damping / sigma_min(G R)^2) (1.4e-5 here).
+    lam = 1e-10 * float((g.T @ g).trace()) / (3 * g.shape[1])
+    assert_rel(trak_scores([g], [q], dim=3 * g.shape[1], damping=lam), expected, 1e-4)
+    with pytest.raises(ValueError, match="singular"):
+        trak_scores([g], [q], dim=3 * g.shape[1], damping=0.0)
+
+
+def test_trak_averages_models_projected_with_seed_plus_s(lora_grads):
+    g, q = lora_grads
+    pair = trak_scores([g, g], [q, q], dim=8, seed=3)
+    single = [trak_scores([g], [q], dim=8, seed=s) for s in (3, 4)]
+    assert_rel(pair, (single[0] + single[1]) / 2, 1e-13)
+    # Where the projection cancels (dim = P, no damping) two identical models equal one.
+    exact = trak_scores([g], [q], dim=g.shape[1], damping=0.0)
+    assert_rel(trak_scores([g, g], [q, q], dim=g.shape[1], damping=0.0), exact, 1e-10)
+
+
+def test_trak_is_reproducible_for_a_seed(lora_grads):
+    g, q = lora_grads
+    assert torch.equal(trak_scores([g], [q], dim=8), trak_scores([g], [q], dim=8))
+    assert (trak_scores([g], [q], dim=8) - trak_scores([g], [q], dim=8, seed=1)).abs().max() > 1e-6
+
+
+def test_trak_is_not_gradient_dot_when_the_fisher_is_anisotropic():
+    # Planted: training gradients vary 100x more along e0 than along e1. The query (1, 1, 0..)
+    # has the larger dot product with z0 = 10 e0, but the Fisher-weighted score prefers
+    # z1 = 0.1 e1, whose direction the other examples rarely move.
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(40, 6, dtype=torch.float64, generator=gen)
+    g[:, 0] *= 10.0
+    g[:, 1] *= 0.1
+    g[0], g[1] = 10.0 * torch.eye(6)[0], 0.1 * torch.eye(6)[1]
+    q = torch.tensor([[1.0, 1.0, 0, 0, 0, 0]], dtype=torch.float64)
+    dot = q @ g.T
+    trak = trak_scores([g], [q], dim=64)
+    assert dot[0, 0] > 50 * dot[0, 1]
+    assert trak[0, 1] > 5 * trak[0, 0]
+
+
+def test_trak_and_tracin_check_their_inputs(lora_grads):
+    g, q = lora_grads
+    with pytest.raises(ValueError, match="2 models"):
+        trak_scores([g, g], [q])
+    with pytest.raises(ValueError, match="same P"):
+        trak_scores([g], [q[:, :5]])
+    with pytest.raises(ValueError, match="same N, Q, P"):
+        trak_scores([g, g[:10]], [q, q])
+    with pytest.raises(ValueError, match="dim"):
+        trak_scores([g], [q], dim=0)
+    with pytest.raises(ValueError, match="lrs has 1 values for 2 checkpoints"):
+        tracin_scores([g, g], [q, q], [0.1])
+
+
+def test_tracin_is_the_lr_weighted_sum_of_gradient_dots(lora_grads):
+    g, q = lora_grads
+    gen = torch.Generator().manual_seed(0)
+    checkpoints = [
+        (g, q),
+        (g * 0.5 + 0.01, q - 0.02),
+        (torch.randn(g.shape, generator=gen).double(), q),
+    ]
+    lrs = [1e-3, 5e-4, 2e-4]
+    expected = torch.zeros(3, 128, dtype=torch.float64)
+    for lr, (gc, qc) in zip(lrs, checkpoints, strict=True):
+        for i in range(3):
+            for j in range(128):
+                expected[i, j] += lr * torch.dot(qc[i], gc[j])
+    scores = tracin_scores([c[0] for c in checkpoints], [c[1] for c in checkpoints], lrs)
+    assert_rel(scores, expected, 1e-13)
