@@ -30,6 +30,7 @@ JOBS ?= 2
 nbval: $(STAMP)  ## re-execute every notebook, JOBS at a time, and check the marked cells
 	INFLUENCE_FIGURES=$$(mktemp -d)/figures \
 		$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-cell-timeout=3000 \
+		--no-loadscope-reorder \
 		-n $(JOBS) --dist loadfile notebooks
 
 smoke: $(STAMP)  ## every notebook at the smoke profile, into a temporary folder
