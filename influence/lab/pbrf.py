@@ -326,9 +326,9 @@ def pbrf_response(
     until the tolerance holds or ``steps`` iterations are done (``lr``: its first trial step,
     in units of the quasi-Newton step).
     ``epsilon = -1/N`` (N = the sequences in ``train_batches``) removes the example;
-    ``damping``: lam, absolute, or {layer: lam_l} per tracked layer. A sequence of example batches gives a list, one optimisation
-    per example (the training data's reference predictions computed once). The model is
-    left unchanged (module docstring).
+    ``damping``: lam, absolute, or {layer: lam_l} per tracked layer. A sequence of example
+    batches gives a list, one optimisation per example (the training data's reference
+    predictions computed once). The model is left unchanged (module docstring).
     """
     pbrf = PBRF(model, layers_or_params, train_batches, damping)
     options = {"epsilon": epsilon, "steps": steps, "lr": lr, "tol": tol}
