@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers import AutoModelForCausalLM
 
 from influence.io import load_tensors, save_tensors
@@ -72,7 +71,8 @@ class Retrainer:
         self.base = zoo.build(spec.base, profile, cache=Path(zoo_cache or zoo.CACHE))
         self.tokenizer = zoo.load_tokenizer(self.base)
         self.examples = zoo.task_examples(task)[: self.cfg.limit]
-        max_len = zoo.metadata(self.base)["model"]["max_len"]
+        shape = zoo.metadata(self.base)["model"]
+        self.arch, max_len = shape["arch"], shape["max_len"]
         self.encoded = encode(self.tokenizer, self.examples, self.cfg.loss_on, max_len)
         data = texts_hash(json.dumps(ex, sort_keys=True) for ex in self.examples)
         key = zoo._hash(self.base.name, self.cfg.key(), data)
@@ -100,19 +100,8 @@ class Retrainer:
 
     def _fresh(self, seed: int):
         """The model before training, as ``zoo.finetune`` builds it for ``TrainConfig.seed``."""
-        model = copy.deepcopy(self._base_model)
-        torch.manual_seed(seed)  # fixes the LoRA initialisation
-        if self.mode == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            lora = LoraConfig(
-                r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=0.0,
-                target_modules=list(self.cfg.lora_targets or zoo.LORA_TARGETS["gpt2"]),
-                fan_in_fan_out=True, task_type="CAUSAL_LM",
-            )  # fmt: skip
-            with zoo._quiet():
-                model = get_peft_model(model, lora)
-        return model
+        cfg = dataclasses.replace(self.cfg, seed=seed)
+        return zoo.trainable_model(copy.deepcopy(self._base_model), cfg, self.arch)
 
     def train(self, mask: np.ndarray, seed: int) -> Path:
         """Retrain on the examples of `mask` with `seed` unless cached; returns the file."""

@@ -388,21 +388,29 @@ def finetune(
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(base_path))
     with _quiet():
         model = AutoModelForCausalLM.from_pretrained(str(base_path))
-    torch.manual_seed(train_cfg.seed)  # fixes the LoRA initialisation
+    model = trainable_model(model, train_cfg, arch)
     if train_cfg.mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=0.0,
-            target_modules=list(train_cfg.lora_targets or LORA_TARGETS[arch]),
-            fan_in_fan_out=arch == "gpt2", task_type="CAUSAL_LM",
-        )  # fmt: skip
-        with _quiet():
-            model = get_peft_model(model, lora)
         model.peft_config["default"].base_model_name_or_path = base_path.name  # no machine path
     meta = dict(name=name, kind="finetune", model=base_meta["model"], base=base_path.name,
                 task=label, data=data)  # fmt: skip
     return _train(path, model, tokenizer, examples, train_cfg, max_len, meta)
+
+
+def trainable_model(model, train_cfg: TrainConfig, arch: str):
+    """`model` (a loaded base) as fine-tuning starts from it: seeded by ``train_cfg.seed`` and,
+    for ``mode="lora"``, wrapped with a fresh rank-``lora_r`` peft adapter on ``lora_targets``."""
+    torch.manual_seed(train_cfg.seed)  # fixes the LoRA initialisation
+    if train_cfg.mode != "lora":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=train_cfg.lora_r, lora_alpha=train_cfg.lora_alpha, lora_dropout=0.0,
+        target_modules=list(train_cfg.lora_targets or LORA_TARGETS[arch]),
+        fan_in_fan_out=arch == "gpt2", task_type="CAUSAL_LM",
+    )  # fmt: skip
+    with _quiet():
+        return get_peft_model(model, lora)
 
 
 def load_model(path: Path, trainable: str | None = None):
