@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 SMOKE = gt.Setting(
     "emotion", "full", "smoke", n_query=4, m=6, ensemble_seeds=(0, 1), trak_dim=64,
     tracin_checkpoints=2, removal_queries=2, random_repeats=2, loo_queries=1, loo_per_side=1,
-    pbrf_pairs=1, pbrf_steps=3,
+    pbrf_pairs=1, pbrf_steps=3, margin=True,
 )  # fmt: skip
 
 
@@ -27,17 +27,26 @@ def caches(tmp_path, monkeypatch):
 
 
 def test_pipeline_on_the_smoke_zoo(caches, monkeypatch):
-    scores, queries, info = gt.attribute(SMOKE)
+    measured, queries, info = gt.attribute(SMOKE)
     n = len(gt.training_set(SMOKE))
-    assert set(scores) == set(gt.METHODS)
-    assert all(s.shape == (len(queries), n) and np.isfinite(s).all() for s in scores.values())
-    out = gt.run(SMOKE, scores, queries)
+    assert set(measured) == {"loss", "margin"}
+    for scores in measured.values():
+        assert set(scores) == set(gt.METHODS)
+        assert all(s.shape == (len(queries), n) and np.isfinite(s).all() for s in scores.values())
+    # Another measurement, other query gradients: every gradient method's scores change, and
+    # RepSim's (representations, no gradient) do not.
+    for method in gt.METHODS:
+        same = np.allclose(measured["loss"][method], measured["margin"][method])
+        assert same == (method == "RepSim"), method
+    scores = measured["loss"]
+    out = gt.run(SMOKE, measured, queries)
     out["pbrf"] = gt.pbrf_check(SMOKE, scores, queries, out["loo"], info["damping"])
     out["labels"] = gt.label_metrics(SMOKE, scores, queries)
     out["verdict_agreement"] = gt.verdict_agreement(out["lds"], out["labels"])
     for method in gt.METHODS:
-        v = out["lds"][method]
-        assert -1 <= v["ci"][0] <= v["mean"] <= v["ci"][1] <= 1
+        for v in (out["lds"][method], out["margin"]["lds"][method]):
+            assert -1 <= v["ci"][0] <= v["mean"] <= v["ci"][1] <= 1
+    assert out["margin"]["lds"] != out["margin"]["lds_of_loss_scores"]
     c = out["noise_ceiling"]
     assert 0 <= c["noise_free"] <= c["noise_free_seed_mean"] <= 1  # averaging seeds helps
     share = f"{SMOKE.removal_k[0]:g}"
@@ -56,5 +65,5 @@ def test_pipeline_on_the_smoke_zoo(caches, monkeypatch):
         raise AssertionError("a rerun must not retrain")
 
     monkeypatch.setattr(zoo, "_fit", fail)
-    again = gt.run(SMOKE, scores, queries)
+    again = gt.run(SMOKE, measured, queries)
     assert again["lds"] == out["lds"]

@@ -212,16 +212,34 @@ def prepare(
     prep = Prepared(
         train_flat, train_g, query_g, reference, fisher, ekfac, ggn, top, lissa_depth, seed
     )
-    undamped = {
-        "RepSim": lambda: baselines.repsim_scores(
+    if "RepSim" in methods:
+        prep.fixed["RepSim"] = baselines.repsim_scores(
             model, _prompt_batches(tok, train, batch_size), _prompt_batches(tok, tests, batch_size)
-        ).numpy(),
-        "Gradient cosine": lambda: baselines.cosine_scores(flatten(query_g), train_flat).numpy(),
-        "Gradient dot": lambda: prep.score(query_g),
-        "LiSSA as published": lambda: prep.score(solvers.LiSSAAsPublished(train_g).ihvp(query_g)),
-    }
-    prep.fixed = {m: f() for m, f in undamped.items() if m in methods}
+        ).numpy()
+    prep.fixed |= {m: f(prep) for m, f in _UNDAMPED_GRADIENT.items() if m in methods}
     return prep
+
+
+# The undamped methods that read the query gradients (RepSim reads representations).
+_UNDAMPED_GRADIENT = {
+    "Gradient cosine": lambda p: baselines.cosine_scores(flatten(p.query_g), p.train_flat).numpy(),
+    "Gradient dot": lambda p: p.score(p.query_g),
+    "LiSSA as published": lambda p: p.score(solvers.LiSSAAsPublished(p.train_g).ihvp(p.query_g)),
+}
+
+
+def with_queries(prep: Prepared, query_g: LayerGrads) -> Prepared:
+    """`prep` with other query gradients (another measurement of the same queries, e.g.
+    ``behaviour.margin_grads``): the curvatures and training gradients shared, the undamped
+    gradient methods rescored, RepSim's scores kept (they read no gradient)."""
+    shapes = {n: tuple(g.shape[1:]) for n, g in prep.query_g.items()}
+    given = {n: tuple(g.shape[1:]) for n, g in query_g.items()}
+    if given != shapes:
+        raise ValueError(f"query gradients of shapes {given}; the prepared layers are {shapes}")
+    new = dataclasses.replace(prep, query_g=query_g, fixed={})
+    new.fixed = {m: _UNDAMPED_GRADIENT[m](new) if m in _UNDAMPED_GRADIENT else scores
+                 for m, scores in prep.fixed.items()}  # fmt: skip
+    return new
 
 
 def lissa(prep: Prepared, factor: float) -> solvers.LiSSA:

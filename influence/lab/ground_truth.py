@@ -12,6 +12,10 @@ retrains the zoo model (``influence.lab.retrain``) and measures:
   against the first seed's losses and against the mean of the seeds.
 - **Noise ceiling**: the same statistic with the second seed's losses as the "prediction": how
   much of the first seed's outcome is predictable at all.
+- **Class margin** (``Setting.margin``; ``influence.lab.behaviour``): a behaviour beside the
+  loss, scored by every method through its own query gradient (the curvatures and training
+  gradients shared) and measured on the same retrains: its LDS, its noise ceiling, the LDS of
+  the loss's scores at predicting it, and how closely it follows the loss over the subsets.
 - **Removal**: each query's top-k proponents of a method removed and the model retrained; the
   rise of the query's loss against removing k random examples.
 - **LOO**: single examples ranked top and bottom by EK-FAC removed one at a time; actual change
@@ -29,8 +33,9 @@ rerun only recomputes scores and statistics.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -38,7 +43,7 @@ from scipy import stats
 
 from influence import baselines
 from influence.gradients import collect_grads
-from influence.lab import attribution, benchmark, counterfactual, pbrf, zoo
+from influence.lab import attribution, behaviour, benchmark, counterfactual, pbrf, zoo
 from influence.lab.notebook import figure
 from influence.lab.retrain import Retrainer
 from influence.lab.tasks import load_task
@@ -72,6 +77,7 @@ class Setting:
     loo_per_side: int = 2  # top and bottom examples per query
     pbrf_pairs: int = 1  # LOO pairs also scored by PBRF (the first ones)
     pbrf_steps: int = 10  # L-BFGS iterations (each a pass over the training set)
+    margin: bool = False  # also attribute and measure the class margin (``behaviour``)
 
 
 def training_set(s: Setting) -> list[dict]:
@@ -86,51 +92,91 @@ def _grads(model, tok, layers, examples, batch_size=32) -> torch.Tensor:
                                  progress=False))  # fmt: skip
 
 
-def attribute(s: Setting) -> tuple[dict[str, np.ndarray], list[dict], dict]:
-    """({method: (Q, N) scores}, queries, info) for the zoo model of `s` (seed 0)."""
+def measures(s: Setting) -> dict[str, Callable | None]:
+    """{measure: query gradients (model, tok, layers, queries) -> LayerGrads, None for the
+    loss}: "loss", and "margin" (``behaviour.margin_grads``) when ``s.margin``."""
+    out: dict[str, Callable | None] = {"loss": None}
+    if s.margin:
+        responses = behaviour.class_responses(training_set(s))
+        out["margin"] = partial(behaviour.margin_grads, responses=responses)
+    return out
+
+
+def attribute(s: Setting) -> tuple[dict[str, dict[str, np.ndarray]], list[dict], dict]:
+    """({measure: {method: (Q, N) scores}}, queries, info) for the zoo model of `s` (seed 0);
+    one set of scores per measure of ``measures`` (the curvatures and training gradients are
+    shared, only the query gradients differ)."""
     train = training_set(s)
     queries = benchmark.select_queries(
         load_task(s.task, "test"), [ex["label"] for ex in train], s.n_query
     )
-    scores, ekfac, trak_train, trak_query = {}, [], [], []
+    grads = measures(s)
+    scores: dict = {k: {} for k in grads}
+    ekfac: dict = {k: [] for k in grads}
+    trak_query: dict = {k: [] for k in grads}
+    trak_train = []
     for seed in s.ensemble_seeds:
         path = benchmark.model_path(s.task, s.mode, seed, s.profile)
         model, tok, layers = benchmark.load(path, s.mode)
-        methods = benchmark.METHODS if seed == s.ensemble_seeds[0] else ("EK-FAC",)
+        first = seed == s.ensemble_seeds[0]
+        methods = benchmark.METHODS if first else ("EK-FAC",)
         prep = benchmark.prepare(model, tok, layers, train, queries, seed=seed, methods=methods)
-        if seed == s.ensemble_seeds[0]:
-            scores = {m: benchmark.method_scores(prep, m) for m in methods}
+        if first:
             damping = prep.damping(benchmark.FACTOR)
-        ekfac.append(benchmark.method_scores(prep, "EK-FAC"))
+        for measure, fn in grads.items():
+            p = (
+                prep
+                if fn is None
+                else benchmark.with_queries(prep, fn(model, tok, layers, queries))
+            )
+            if first:
+                scores[measure] = {m: benchmark.method_scores(p, m) for m in methods}
+            ekfac[measure].append(benchmark.method_scores(p, "EK-FAC"))
+            trak_query[measure].append(flatten(p.query_g))
         trak_train.append(prep.train_flat)
-        trak_query.append(flatten(prep.query_g))
-        del prep
-    scores[ENSEMBLED[0]] = np.mean(ekfac, axis=0)
-    scores[ENSEMBLED[1]] = baselines.trak_scores(trak_train, trak_query, dim=s.trak_dim).numpy()
-    del trak_train, trak_query
-    scores[ENSEMBLED[2]] = tracin(s, train, queries)
+        del prep, p
+    checkpoints = tracin(s, train, queries, grads)
+    for measure in grads:
+        scores[measure][ENSEMBLED[0]] = np.mean(ekfac[measure], axis=0)
+        scores[measure][ENSEMBLED[1]] = baselines.trak_scores(
+            trak_train, trak_query[measure], dim=s.trak_dim
+        ).numpy()
+        scores[measure][ENSEMBLED[2]] = checkpoints[measure]
     return scores, queries, {"damping": damping}
 
 
-def tracin(s: Setting, train: Sequence[dict], queries: Sequence[dict]) -> np.ndarray:
+def tracin(
+    s: Setting, train: Sequence[dict], queries: Sequence[dict], grads: dict | None = None
+) -> dict[str, np.ndarray]:
     """TracInCP: sum over checkpoints of (learning rate x steps since the previous one) x
-    query . training gradients, on the seed-0 fine-tune saved at evenly spaced steps."""
+    query . training gradients, on the seed-0 fine-tune saved at evenly spaced steps; one
+    (Q, N) matrix per measure of `grads` (``measures``; default the loss)."""
+    grads = grads or {"loss": None}
     cfg = zoo.specs(s.profile)[f"gpt2-{s.task}-{s.mode}"].train
     total = cfg.steps
     steps = [round(total * (c + 1) / s.tracin_checkpoints) for c in range(s.tracin_checkpoints)]
     path = benchmark.model_path(s.task, s.mode, 0, s.profile, checkpoints=steps)
-    train_g, query_g, lrs, previous = [], [], [], 0
+    train_g, lrs, previous = [], [], 0
+    query_g: dict = {k: [] for k in grads}
     for step in steps:
         model, tok, layers = benchmark.load(path, s.mode, step)
         train_g.append(_grads(model, tok, layers, train))
-        query_g.append(_grads(model, tok, layers, queries))
+        for measure, fn in grads.items():
+            query_g[measure].append(
+                _grads(model, tok, layers, queries)
+                if fn is None
+                else flatten(fn(model, tok, layers, queries))
+            )
         lrs.append(cfg.lr * zoo.lr_factor(step - 1, total, cfg.warmup) * (step - previous))
         previous = step
-    return baselines.tracin_scores(train_g, query_g, lrs).numpy()
+    return {k: baselines.tracin_scores(train_g, q, lrs).numpy() for k, q in query_g.items()}
 
 
-def run(s: Setting, scores: dict[str, np.ndarray], queries: list[dict]) -> dict:
-    """Every retraining measurement of `s` for the (Q, N) `scores` of each method."""
+def run(s: Setting, scores: dict[str, dict[str, np.ndarray]], queries: list[dict]) -> dict:
+    """Every retraining measurement of `s` for the (Q, N) scores of each method and measure
+    (``attribute``): LDS, its ceilings, removal and leave-one-out for the loss; LDS and its
+    ceiling for the class margin when scored (``margin``)."""
+    measured, scores = scores, scores["loss"]
     r = Retrainer(s.task, s.mode, s.profile)
     n, clock = r.n, time.perf_counter()
     full = np.ones(n, bool)
@@ -155,10 +201,35 @@ def run(s: Setting, scores: dict[str, np.ndarray], queries: list[dict]) -> dict:
         small_losses = r.losses(small, s.seeds[0], queries)
         out["lds_small_alpha"] = {m: counterfactual.lds(sc, small, small_losses)
                                   for m, sc in scores.items()}  # fmt: skip
+    if "margin" in measured:
+        out["margin"] = margin(s, r, measured, queries, masks, losses[0])
     out["removal"] = removal(s, r, scores, queries, base)
     out["loo"] = loo(s, r, scores, queries, base)
     out["seconds"] = time.perf_counter() - clock
     return out
+
+
+def margin(s: Setting, r: Retrainer, scores: dict, queries: list[dict], masks, losses) -> dict:
+    """LDS of the class margin: the retrains of the LDS subsets measured by minus the margin
+    (a quantity to lower, as the loss), predicted by the margin's scores and, for comparison,
+    by the loss's (does attributing the loss suffice to predict the behaviour?)."""
+    responses = behaviour.class_responses(training_set(s))
+
+    def minus_margin(model):
+        return -behaviour.margins(model, r.tokenizer, queries, responses)
+
+    values = np.stack([r.measure(masks, seed, minus_margin, progress=False) for seed in s.seeds])
+    base = -r.measure(np.ones((1, r.n), bool), 0, minus_margin, progress=False)[0]
+    return {
+        "zoo_margin": float(base.mean()),  # mean margin (nats) of the queries, zoo model
+        "noise_ceiling": ceilings(values),
+        "lds": {m: counterfactual.lds(sc, masks, values[0]) for m, sc in scores["margin"].items()},
+        "lds_of_loss_scores": {
+            m: counterfactual.lds(sc, masks, values[0]) for m, sc in scores["loss"].items()
+        },
+        # per query, Spearman over the subsets between minus the margin and the loss
+        "agreement_with_loss": counterfactual.noise_ceiling(values[0], losses),
+    }
 
 
 def ceilings(losses: np.ndarray) -> dict:
@@ -250,15 +321,16 @@ def verdict_agreement(lds: dict, labels: dict) -> dict:
 
 
 def plot_lds(results: dict, methods: Sequence[str]):
-    """One panel per (task, mode): LDS of each method with its 95% interval, the noise ceiling
-    (a second seed predicting the first) as a shaded band, the ceiling of a noise-free
-    predictor (dashed; :func:`ceilings`), and 0."""
-    cols = [(t, m) for t in results for m in results[t]]
+    """One panel per (task, mode) and measure (the loss; the class margin where measured): LDS
+    of each method with its 95% interval, the noise ceiling (a second seed predicting the first)
+    as a shaded band, the ceiling of a noise-free predictor (dashed; :func:`ceilings`), and 0."""
+    cols = [(t, m, k) for t in results for m in results[t] for k in ("loss", "margin")
+            if k == "loss" or k in results[t][m]]  # fmt: skip
     fig, axes = figure(height=0.45 * len(methods) + 1.2, ncols=len(cols), sharey=True,
                        squeeze=False)  # fmt: skip
     y = np.arange(len(methods))
-    for ax, (t, m) in zip(axes[0], cols, strict=True):
-        r = results[t][m]
+    for ax, (t, m, measure) in zip(axes[0], cols, strict=True):
+        r = results[t][m] if measure == "loss" else results[t][m][measure]
         mean = np.array([r["lds"][k]["mean"] for k in methods])
         ci = np.array([r["lds"][k]["ci"] for k in methods])
         ax.errorbar(mean, y, xerr=[mean - ci[:, 0], ci[:, 1] - mean], fmt="o", color="C0",
@@ -268,7 +340,8 @@ def plot_lds(results: dict, methods: Sequence[str]):
         ax.axvline(ceiling["mean"], color="C2")
         ax.axvline(ceiling["noise_free"], color="C2", ls="--", label="noise-free predictor")
         ax.axvline(0, color="0.5", lw=0.8)
-        ax.set_title(f"{t}, {m}", fontsize=9)
+        ax.set_title(f"{t}, {m}: query {'loss' if measure == 'loss' else 'class margin'}",
+                     fontsize=9)  # fmt: skip
         ax.set_xlabel("LDS (Spearman)")
     axes[0, 0].set_yticks(y, methods)
     axes[0, 0].invert_yaxis()
@@ -370,6 +443,18 @@ def verdict(results: dict) -> dict:
             for metric in ("coverage", "auc"):
                 say(f"{t} {m}: the class-label {metric} orders the methods as LDS does (rank "
                     f"correlation > 0.8): {r['verdict_agreement'][metric] > 0.8}")  # fmt: skip
+            if "margin" in r:
+                mg = r["margin"]
+                best_m = _best(mg["lds"])
+                names = sorted(lds)
+                rho = stats.spearmanr([lds[k]["mean"] for k in names],
+                                      [mg["lds"][k]["mean"] for k in names])[0]  # fmt: skip
+                say(f"{t} {m}: class margin, best LDS above 0.05 (interval): "
+                    f"{mg['lds'][best_m]['ci'][0] > 0.05}")  # fmt: skip
+                say(f"{t} {m}: the class margin orders the methods as the loss does by LDS "
+                    f"(rank correlation > 0.8): {rho > 0.8}")  # fmt: skip
+                say(f"{t} {m}: retrained margin and loss move together over the subsets "
+                    f"(mean Spearman > 0.5): {mg['agreement_with_loss']['mean'] > 0.5}")  # fmt: skip
     return out
 
 
@@ -399,6 +484,22 @@ def findings(results: dict, methods: Sequence[str]) -> str:
                 f"{r['verdict_agreement']['coverage']:+.2f}, with their AUC "
                 f"{r['verdict_agreement']['auc']:+.2f}.",
             ]
+            if "margin" in r:
+                mg = r["margin"]
+                order_m = sorted(methods, key=lambda k: -mg["lds"][k]["mean"])
+                c = mg["noise_ceiling"]
+                lines.append(
+                    f"  - Class margin (the zoo model's mean over the queries "
+                    f"{mg['zoo_margin']:.2f} nats): retrained margin and loss agree over the "
+                    f"subsets with mean Spearman {mg['agreement_with_loss']['mean']:.2f}; noise "
+                    f"ceiling {c['mean']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}] (noise-free "
+                    f"{c['noise_free']:.2f}); highest LDS "
+                    + ", ".join(f"{k} {mg['lds'][k]['mean']:.2f}" for k in order_m[:3])
+                    + f"; EK-FAC {mg['lds']['EK-FAC']['mean']:.2f}, gradient dot "
+                    f"{mg['lds']['Gradient dot']['mean']:.2f}. The loss's scores predict the "
+                    f"margin with EK-FAC {mg['lds_of_loss_scores']['EK-FAC']['mean']:.2f}, "
+                    f"gradient cosine {mg['lds_of_loss_scores']['Gradient cosine']['mean']:.2f}."
+                )
             for k, v in r["removal"].items():
                 for e in v.values():
                     lines.append(

@@ -33,10 +33,12 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from transformers import AutoModelForCausalLM
 
 from influence.io import load_tensors, save_tensors
@@ -139,15 +141,26 @@ class Retrainer:
         """(M, Q) summed response loss of each query under the retrain of each subset of
         `masks` (M, N) with `seed`: the measurement the attribution scores predict. Missing
         retrains are trained (and cached) first, with a line of progress every 10."""
+        return self.measure(
+            masks, seed, lambda model: response_losses(model, self.tokenizer, queries), progress
+        )
+
+    def measure(
+        self, masks: np.ndarray, seed: int, fn: Callable[[Any], Any], progress: bool = True
+    ) -> np.ndarray:
+        """(M, Q) ``fn(model)`` (Q values, e.g. ``behaviour.margins``) of the retrain of each
+        subset of `masks` (M, N) with `seed`; as ``losses``, which is ``fn`` = the losses."""
         masks = np.atleast_2d(masks)
-        out = np.empty((len(masks), len(queries)))
+        rows = []
         start = time.perf_counter()
         for m, mask in enumerate(masks):
-            out[m] = response_losses(self.model(mask, seed), self.tokenizer, queries).numpy()
+            model = self.model(mask, seed)  # trained first unless cached
+            with torch.no_grad():
+                rows.append(np.asarray(fn(model), dtype=np.float64))
             if progress and ((m + 1) % 10 == 0 or m + 1 == len(masks)):
                 print(f"retrain {self.name} seed {seed}: {m + 1}/{len(masks)} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
-        return out
+        return np.stack(rows)
 
     def seconds(self, mask: np.ndarray, seed: int) -> float:
         """Training time recorded for a cached retrain."""
