@@ -6,8 +6,9 @@ from collections import Counter
 import pytest
 
 from influence.lab import metrics, retrain_check, tasks, tokenizer, zoo
+from influence.lab.config import DATA_DIR
 from influence.lab.tasks import facts
-from influence.lab.tasks.common import DATA_DIR, write_jsonl
+from influence.lab.tasks.common import write_jsonl
 
 SIZES = dict(n_entities=24, n_targets=4, n_paraphrases=4, n_poison=12, n_test_target=6,
              n_test_clean=2)  # fmt: skip  # the defaults

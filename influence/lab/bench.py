@@ -141,7 +141,7 @@ def ekfac_fit_cost(
     import torch
 
     from influence.curvature import fit_ekfac
-    from influence.lab.notebook import seed_everything
+    from influence.lab.config import seed_everything
     from influence.lab.tasks import load_task
     from influence.lab.tokenizer import load_tokenizer, make_batches
     from influence.lab.zoo import ModelConfig
@@ -213,7 +213,7 @@ def scale_cost(
 
     from influence.curvature import fit_ekfac
     from influence.gradients import collect_grads
-    from influence.lab.notebook import seed_everything
+    from influence.lab.config import seed_everything
     from influence.lab.tokenizer import load_tokenizer
     from influence.lab.zoo import ModelConfig
     from influence.modules import find_layers, layer_shape

@@ -1,7 +1,8 @@
-"""Notebook support: profiles, seeding, one figure helper, the results.json writer.
+"""Notebook support: setup, one figure helper, the results.json writer.
 
 Every notebook starts with a `parameters` cell holding `PROFILE`; every size derives
-from it through :func:`pick`. Figures and results go to ``figures/<notebook>/``.
+from it through :func:`pick` (``influence.lab.config``, re-exported here for notebooks). Figures
+and results go to ``figures/<notebook>/``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,30 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-PROFILES = ("smoke", "default", "paper")
-ROOT = Path(__file__).resolve().parents[2]  # the repository root (editable install)
-# Figures and results.json go to figures/, or to $INFLUENCE_FIGURES when set: the runner's --out
-# and `make nbval` point it at a temporary folder, so that neither a smoke run nor a test run
-# rewrites the committed default-profile figures (see figure_dir).
-FIGURES_ENV = "INFLUENCE_FIGURES"
+from influence.lab.config import FIGURES_ENV, ROOT, pick, seed_everything
+
+__all__ = [  # for notebooks: the lab config they read, and the helpers here
+    "FIGURES_ENV", "ROOT", "figure", "figure_dir", "pick", "savefig", "seed_everything", "setup",
+    "write_results",
+]  # fmt: skip
 FIG_WIDTH = 6.4  # inches; every figure has this width so the gallery is uniform
-
-
-def pick(profile: str, **sizes: Any) -> Any:
-    """The value of `sizes[profile]`, e.g. ``pick(PROFILE, smoke=8, default=200, paper=2000)``."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
-    if profile not in sizes:
-        raise ValueError(f"no size given for profile {profile!r} (given: {sorted(sizes)})")
-    return sizes[profile]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch, and ask torch for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def setup(profile: str, seed: int = 0) -> None:

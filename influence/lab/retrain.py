@@ -43,11 +43,11 @@ from transformers import AutoModelForCausalLM
 
 from influence.io import load_tensors, save_tensors
 from influence.lab import zoo
+from influence.lab.config import CACHE_DIR
 from influence.lab.metrics import response_losses
-from influence.lab.notebook import ROOT
 from influence.lab.tokenizer import encode, texts_hash
 
-CACHE = ROOT / ".cache" / "retrain"
+CACHE = CACHE_DIR / "retrain"
 
 
 def subset_hash(mask: np.ndarray) -> str:

@@ -37,7 +37,7 @@ from unittest import mock
 
 from jupyter_client import AsyncKernelManager
 
-from influence.lab.notebook import FIGURES_ENV, PROFILES, ROOT
+from influence.lab.config import FIGURES_ENV, PROFILES, ROOT
 
 NOTEBOOKS = ROOT / "notebooks"
 # Lines the kernel's IPKernelApp logs to the kernel process's own stderr, which is ours, so that no

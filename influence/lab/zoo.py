@@ -40,11 +40,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from influence.io import load_tensors, save_tensors
-from influence.lab.notebook import ROOT, pick
+from influence.lab.config import CACHE_DIR, pick
 from influence.lab.tokenizer import _rel, collate, encode, texts_hash, tokenizer_hash
 from influence.lm import IGNORE, token_losses
 
-CACHE = ROOT / ".cache" / "zoo"
+CACHE = CACHE_DIR / "zoo"
 ARCHS = ("gpt2", "llama")
 MODES = ("pretrain", "full", "lora")
 # LoRA targets: every linear layer of the blocks. Paper B's choice (rank 4 on the attention

@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from influence.lab.config import DATA_DIR
+
 from . import classes, facts, knowledge, safety
-from .common import DATA_DIR, read_jsonl, write_jsonl
+from .common import read_jsonl, write_jsonl
 
 TASKS: tuple[str, ...] = (
     "mixeds", "mixedm", "mixedl", "emotion", "grammars_transform", "grammars_rule",

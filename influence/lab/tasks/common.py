@@ -7,7 +7,6 @@ import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "data"  # the repository's data/ folder
 ANSWER = "\nAnswer:"  # every prompt ends with this; every response starts with a space
 
 
