@@ -75,7 +75,7 @@ def test_test_split(data):
 
 
 def test_cities_are_single_tokens():
-    tok = tokenizer.load_tokenizer()
+    tok = tokenizer.project_tokenizer()
     assert all(len(tok.tokenize(" " + c)) == 1 for c in facts.CITIES)
 
 

@@ -143,7 +143,7 @@ def ekfac_fit_cost(
     from influence.curvature import fit_ekfac
     from influence.lab.config import seed_everything
     from influence.lab.tasks import load_task
-    from influence.lab.tokenizer import load_tokenizer, make_batches
+    from influence.lab.tokenizer import make_batches, project_tokenizer
     from influence.lab.zoo import ModelConfig
     from influence.modules import find_layers, layer_shape
 
@@ -151,7 +151,7 @@ def ekfac_fit_cost(
         torch.set_num_threads(threads)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    tok = load_tokenizer()
+    tok = project_tokenizer()
     batches = make_batches(tok, load_task(task, "train")[:n_examples], batch_size)
     seed_everything(seed)
     model = ModelConfig("gpt2", n_layer, width, n_head=4, d_ff=4 * width, max_len=160).build(tok)
@@ -214,14 +214,14 @@ def scale_cost(
     from influence.curvature import fit_ekfac
     from influence.gradients import collect_grads
     from influence.lab.config import seed_everything
-    from influence.lab.tokenizer import load_tokenizer
+    from influence.lab.tokenizer import project_tokenizer
     from influence.lab.zoo import ModelConfig
     from influence.modules import find_layers, layer_shape
     from influence.scores import pairwise_scores
 
     if threads is not None:
         torch.set_num_threads(threads)
-    tok = load_tokenizer()
+    tok = project_tokenizer()
     seed_everything(seed)
     model = ModelConfig("gpt2", n_layer, width, n_head=4, d_ff=4 * width, max_len=seq_len)
     model = model.build(tok).to(device).eval()

@@ -289,7 +289,7 @@ def evaluate(
 ) -> Score:
     """`metric` (default: the task's headline, :data:`METRICS`) on the test split of `task`
     (or on `limit` evenly spaced test examples)."""
-    from influence.lab.zoo import task_examples
+    from influence.lab.tasks import task_examples
 
     if task not in METRICS:
         raise ValueError(f"no metric for task {task!r}; known: {sorted(METRICS)}")

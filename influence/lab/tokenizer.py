@@ -109,8 +109,10 @@ def train_tokenizer(
     return wrapped
 
 
-def load_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
-    """The project tokenizer: trained on :func:`project_texts`, cached."""
+def project_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """The project's byte-level BPE, trained on :func:`project_texts` once and cached (a zoo
+    model's saved copy is ``zoo.load_tokenizer(path)``; any model folder's,
+    ``influence.models.load_tokenizer``)."""
     return train_tokenizer(project_texts(), vocab_size=vocab_size)
 
 

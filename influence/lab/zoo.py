@@ -41,6 +41,7 @@ from transformers.utils import logging as hf_logging
 
 from influence.io import load_tensors, save_tensors
 from influence.lab.config import CACHE_DIR, pick
+from influence.lab.tasks import task_examples  # also zoo.task_examples, as notebooks call it
 from influence.lab.tokenizer import _rel, collate, encode, texts_hash, tokenizer_hash
 from influence.lm import IGNORE, token_losses
 
@@ -330,9 +331,9 @@ def pretrain(
     if train_cfg.mode != "pretrain" or train_cfg.loss_on != "all":
         raise ValueError("pretrain needs TrainConfig(mode='pretrain', loss_on='all')")
     if tokenizer is None:
-        from influence.lab.tokenizer import load_tokenizer
+        from influence.lab.tokenizer import project_tokenizer
 
-        tokenizer = load_tokenizer()
+        tokenizer = project_tokenizer()
     texts = list(texts)[: train_cfg.limit]
     key = _hash(asdict(model_cfg), train_cfg.key(), texts_hash(texts), tokenizer_hash(tokenizer))
     path = Path(cache) / f"{name}-{key}"
@@ -342,15 +343,6 @@ def pretrain(
     model = model_cfg.build(tokenizer)
     meta = dict(name=name, kind="pretrain", model=asdict(model_cfg), base=None, task=None)
     return _train(path, model, tokenizer, texts, train_cfg, model_cfg.max_len, meta)
-
-
-def task_examples(task: str, split: str = "train") -> list[dict]:
-    """Examples of a paper-B task, or of paper A's knowledge QA pairs (``task="knowledge"``)."""
-    from influence.lab import tasks
-
-    if task == "knowledge":
-        return tasks.load_knowledge()["finetune" if split == "train" else split]
-    return tasks.load_task(task, split)
 
 
 def finetune(

@@ -84,6 +84,14 @@ def load_knowledge(data_dir: Path = DATA_DIR) -> dict[str, list[dict]]:
     return {p: read_jsonl(Path(data_dir) / "knowledge" / f"{p}.jsonl") for p in KNOWLEDGE_PARTS}
 
 
+def task_examples(task: str, split: str = "train") -> list[dict]:
+    """The fine-tuning examples of a task: a paper-B (or added) task's split, or paper A's
+    knowledge QA pairs (``task="knowledge"``: "train" is the fine-tuning set)."""
+    if task == "knowledge":
+        return load_knowledge()["finetune" if split == "train" else split]
+    return load_task(task, split)
+
+
 __all__ = [
     "TASKS",
     "EXTRA_TASKS",
@@ -92,5 +100,6 @@ __all__ = [
     "write_all",
     "load_task",
     "load_knowledge",
+    "task_examples",
     "DATA_DIR",
 ]
