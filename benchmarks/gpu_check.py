@@ -72,7 +72,7 @@ from influence.curvature import fit_from_captures
 from influence.gradients import Captured, to_device
 from influence.io import model_fingerprint
 from influence.lab.attribution import row_spearman
-from influence.lab.bench import Stopwatch, peak_rss_mb, reset_peak_rss
+from influence.lab.perf import Stopwatch, peak_rss_mb, reset_peak_rss
 from influence.modules import layer_shape
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -72,7 +72,7 @@ from pathlib import Path
 import torch
 
 from influence.gradients import sample_labels
-from influence.lab.bench import peak_rss_mb, reset_peak_rss, rss_mb
+from influence.lab.perf import peak_rss_mb, reset_peak_rss, rss_mb
 from influence.lm import sequence_losses
 
 ROOT = Path(__file__).resolve().parents[1]

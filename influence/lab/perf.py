@@ -1,4 +1,5 @@
-"""Timing and memory helpers for the scalability notebook (not kernels).
+"""What a computation costs, time and memory: helpers for 02 (scalability), 06, 09 and benchmarks/
+(not kernels; ``benchmark`` is paper B's method comparison, a different thing).
 
 - ``stopwatch()``: wall time of a block (``time.perf_counter``).
 - ``interleaved_medians(fns, repeats)``: run several callables in turn, ``repeats`` rounds, and
@@ -284,13 +285,13 @@ ISOLATED = {"ekfac_fit_cost": ekfac_fit_cost, "scale_cost": scale_cost}
 
 
 def isolated(name: str, **kwargs) -> dict:
-    """``ISOLATED[name](**kwargs)`` run in a fresh ``python -m influence.lab.bench`` process.
+    """``ISOLATED[name](**kwargs)`` run in a fresh ``python -m influence.lab.perf`` process.
 
     Arguments and result travel as JSON; the child's stderr is shown if it fails.
     """
     if name not in ISOLATED:
         raise ValueError(f"no isolated function {name!r}; known: {sorted(ISOLATED)}")
-    cmd = [sys.executable, "-m", "influence.lab.bench", name, json.dumps(kwargs)]
+    cmd = [sys.executable, "-m", "influence.lab.perf", name, json.dumps(kwargs)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{name}({kwargs}) failed in its subprocess:\n{done.stderr[-3000:]}")
