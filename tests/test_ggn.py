@@ -97,6 +97,30 @@ def test_matvec_on_random_vectors_and_functional_form():
     assert rel_err(direct, expected) < 1e-10
 
 
+def test_products_on_one_batch_reuse_its_forward_pass(monkeypatch):
+    """A power iteration's products on one minibatch build its linear maps once, and give
+    bit for bit what a GGN that rebuilds them at every product gives."""
+    model, layers, batch = setup("gpt2_lora")
+    other = make_batch([5, 8])
+    cached, fresh = GGN(model, layers, [batch, other]), GGN(model, layers, [batch, other])
+    built = []
+    build = GGN._linear_maps
+
+    def counting(self, b):
+        built.append(self is cached)
+        return build(self, b)
+
+    monkeypatch.setattr(GGN, "_linear_maps", counting)
+    fresh._maps = fresh._linear_maps  # no reuse
+    gen = torch.Generator().manual_seed(0)
+    v = cached.unflatten(torch.randn(3, cached.num_params, dtype=torch.float64, generator=gen))
+    for batches in ([batch], [batch], [batch], [other], [batch], None):
+        a, b = cached.matvec(v, batches=batches), fresh.matvec(v, batches=batches)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    # built for: batch (then reused twice), other, batch, other (the full GGN reuses batch)
+    assert built.count(True) == 4 and built.count(False) == 7
+
+
 def test_ggn_equals_hessian_when_logits_are_linear_in_the_weights():
     # logits = W h with h independent of the LM head W: the Hessian has no residual term.
     model = MAKERS["llama"]()
