@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from influence.damping import damping as damping_rule
 from influence.ggn import GGN
 from influence.modules import LayerGrads, flatten, unflatten
 
@@ -70,14 +71,16 @@ def relative_damping(factor: float, ggn: GGN, per_layer: bool = True) -> dict[st
     """Absolute damping = factor x mean eigenvalue of G.
 
     per_layer: lam_l = factor * tr(G_ll) / P_l (the layer's diagonal block, as the
-    block-diagonal solvers see it); otherwise lam = factor * tr(G) / P for every layer.
-    Uses ``GGN.trace`` (exact, P Jacobian-vector products).
+    block-diagonal solvers see it): the project's rule (``influence.damping.damping``) with
+    the exact reference instead of its sampled estimate; otherwise lam = factor * tr(G) / P
+    for every layer. Uses ``GGN.trace`` (exact, P Jacobian-vector products).
     """
     traces = ggn.trace()
     sizes = {n: o * i for n, (o, i) in ggn.shapes.items()}
     if per_layer:
-        return {n: factor * traces[n] / sizes[n] for n in traces}
-    return dict.fromkeys(traces, factor * sum(traces.values()) / sum(sizes.values()))
+        return damping_rule({n: traces[n] / sizes[n] for n in traces}, factor)
+    total = sum(traces.values()) / sum(sizes.values())
+    return dict.fromkeys(traces, damping_rule({"G": total}, factor)["G"])
 
 
 def _check_nonsingular(s: torch.Tensor) -> None:

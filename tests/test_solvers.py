@@ -96,6 +96,10 @@ def test_relative_damping_is_factor_times_mean_eigenvalue(problem):
         block = dense[start : start + o * i, start : start + o * i]
         assert per_layer[name] == pytest.approx(2.0 * float(block.trace()) / (o * i), rel=1e-10)
         start += o * i
+    for bad in (0.0, -1.0, float("nan")):  # the shared rule's check, not a silent 0 damping
+        for per in (True, False):
+            with pytest.raises(ValueError, match="damping factor must be finite and > 0"):
+                relative_damping(bad, ggn, per_layer=per)
 
 
 def test_cg_converges_to_exact_within_p_iterations(problem):
