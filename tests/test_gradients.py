@@ -120,3 +120,19 @@ def test_nan_weights_are_a_clear_error_not_silent_nan_factors(gpt2, batch):
         gpt2.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         per_example_grads(gpt2, batch, layers=layers)
+
+
+def test_finite_check_catches_nan_and_inf_and_not_large_half_sums():
+    from influence.gradients import _finite
+
+    x = torch.randn(4, 8, 16)
+    assert _finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[1, 2, 3] = bad
+        assert not _finite(y)
+    both = x.clone()
+    both[0, 0, 0], both[0, 0, 1] = float("inf"), float("-inf")  # sums to NaN: still caught
+    assert not _finite(both)
+    big = torch.full((64, 64, 64), 60000.0, dtype=torch.float16)  # finite; its fp16 sum is not
+    assert _finite(big)
