@@ -29,7 +29,8 @@ from torch import nn
 from influence.data import Batch, as_batches
 from influence.gradients import collect_grads, to_device
 from influence.models import eval_mode, vocab_size
-from influence.modules import LayerGrads, flatten
+from influence.modules import LayerGrads, find_layers, flatten
+from influence.scores import pairwise_scores
 from influence.solvers import _check_nonsingular
 
 
@@ -129,15 +130,24 @@ def gradient_cosine_scores(
     layers: dict[str, nn.Module] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Gradient cosine: (Q, N) cosines of the tracked layers' per-example gradients.
+    """Gradient cosine: (Q, N) float64 cosines of the tracked layers' per-example gradients.
 
+    The training gradients are streamed (``pairwise_scores`` with ``norms=True``: dot products
+    and norms from one pass), so memory holds the queries' gradients, not the N training ones.
     layers: default ``find_layers(model)``."""
 
-    def grads(batches):
-        batches = [batches] if isinstance(batches, dict) else batches
-        return collect_grads(model, batches, layers=layers, progress=progress)
+    def listed(batches):
+        return [batches] if isinstance(batches, dict) else batches
 
-    return gradient_cosine_from_grads(grads(query_batches), grads(train_batches))
+    layers = layers if layers is not None else find_layers(model)
+    queries = collect_grads(model, listed(query_batches), layers=layers, progress=progress)
+    dots, norms = pairwise_scores(
+        model, listed(train_batches), queries, norms=True, progress=progress
+    )
+    tiny = torch.finfo(torch.float64).tiny
+    q_norms = flatten(queries).double().norm(dim=1).clamp_min(tiny)
+    cos = dots.double() / q_norms[:, None] / norms.double().clamp_min(tiny)[None]
+    return cos.clamp(-1.0, 1.0)  # rounding may leave |cos| a hair above 1
 
 
 # ---- BM25 (paper A's lexical baseline) --------------------------------------------------

@@ -16,6 +16,9 @@ with G_l(z) = sum_t g_t a_t^T. With a rank-r compression P_l ~ U V^T the contrac
 (a, g) directly, sum_t (g_t^T U)(V^T a_t), and never forms G_l(z). Per-token scores
 g_t^T P_l a_t split each sequence's score over the positions t of its layer inputs (the
 token's activations, through which all later losses flow); they sum to the sequence's score.
+Several query sets ({set: {layer: (Q_s, d_out, d_in')}}, e.g. the same queries preconditioned
+by two solvers) share one pass: each training batch is captured once and its per-example
+gradients G_l(z) formed once for every set, without concatenating the sets.
 
 Memory. ``query_batch_size=b`` scores the Q queries b at a time, so that what scoring holds
 besides the queries themselves and the result is set by b and the training batch, not by Q:
@@ -53,7 +56,7 @@ layer and the queries.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -61,7 +64,7 @@ from torch import nn
 from influence.data import Batch, as_batches
 from influence.gradients import Gradients, grads_from_pairs, iter_captures
 from influence.io import model_fingerprint, weights_fingerprint
-from influence.modules import LayerGrads, find_layers, layer_shape
+from influence.modules import LayerGrads, find_layers, layer_shape, pair_dots
 from influence.solvers import Solver
 
 Batches = Iterable[Batch]
@@ -177,7 +180,7 @@ def _prepare(queries, rows, solver, rank, device, dtype) -> dict[str, Block]:
 
 
 def _pair_dense(a: torch.Tensor, g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("qoi,boi->qb", p, grads_from_pairs(a, g))
+    return pair_dots(p, grads_from_pairs(a, g))
 
 
 def _token_low(a: torch.Tensor, g: torch.Tensor, p: tuple) -> torch.Tensor:
@@ -204,90 +207,147 @@ def _join(chunks: list[torch.Tensor], tokens: bool) -> torch.Tensor:
     return torch.cat([nn.functional.pad(c, (0, width - c.shape[-1])) for c in chunks], dim=-2)
 
 
+def _query_sets(queries) -> tuple[dict, bool]:
+    """{set name: LayerGrads} and whether ``queries`` held several sets ({name: LayerGrads})
+    rather than one LayerGrads ({layer: tensor})."""
+    values = list(queries.values())
+    if values and all(isinstance(v, Mapping) for v in values):
+        return dict(queries), True
+    if any(isinstance(v, Mapping) for v in values):
+        raise ValueError(
+            "queries mix layers and query sets: give {layer: (Q, d_out, d_in')} or "
+            "{set name: {layer: (Q, d_out, d_in')}}"
+        )
+    return {None: queries}, False
+
+
 def _scores(
     model: nn.Module,
     train_batches: Batches,
-    queries: LayerGrads,
+    queries,
     solver: Solver | None,
     rank: int | None,
     query_batch_size: int | None,
     per_layer: bool,
     tokens: bool,
     progress: bool,
-) -> torch.Tensor:
+    norms: bool = False,
+):
     """The engine of ``pairwise_scores`` and ``token_scores`` (see the module docstring)."""
-    layers = _layers(model, queries)
-    _check_provenance(model, queries, solver)
+    sets, several = _query_sets(queries)
+    layers = None
+    for key, q in sets.items():
+        found = _layers(model, q)
+        if layers is not None and list(found) != list(layers):
+            raise ValueError(
+                f"query set {key!r} has layers {list(found)}, the first set {list(layers)}: "
+                "every set is contracted in one pass over the same layers"
+            )
+        layers = found
+        _check_provenance(model, q, solver)
     # one Batches for every pass: it checks that each pass reads the same batches
     train_batches = as_batches(train_batches)
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    if query_batch_size is not None and (
+        not isinstance(query_batch_size, int) or query_batch_size < 1
+    ):
+        raise ValueError(f"query_batch_size must be an int >= 1 or None, got {query_batch_size!r}")
     param = next(model.parameters())
     dtype = torch.promote_types(param.dtype, torch.float32)
-    n_queries = next(iter(queries.values())).shape[0]
-    size = n_queries if query_batch_size is None else query_batch_size
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"query_batch_size must be an int >= 1 or None, got {query_batch_size!r}")
-    slices = [slice(i, min(i + size, n_queries)) for i in range(0, n_queries, size)]
-    # dense: one pass over the data per query batch; low rank: all batches compressed, one pass
-    groups = [[rows] for rows in slices] if rank is None else [slices]
+    counts = {key: next(iter(q.values())).shape[0] for key, q in sets.items()}
+    units = [  # (set, rows): the blocks of queries preconditioned together
+        (key, slice(i, min(i + (query_batch_size or n), n)))
+        for key, n in counts.items()
+        for i in range(0, n, query_batch_size or n)
+    ]
+    # dense: every set in one pass, or one pass per query batch; low rank: all compressed, one pass
+    groups = [units] if rank is not None or query_batch_size is None else [[u] for u in units]
     if tokens:
         contract: Contract = _token_dense if rank is None else _token_low
     else:
         contract = _pair_dense if rank is None else _pair_low
+    dense_pairs = rank is None and not tokens  # one per-example gradient per layer serves all
     query_dim = 1 if per_layer else 0
-    out = None
+    out: dict = {}
+    norm_chunks: list[torch.Tensor] = []
     for k, group in enumerate(groups):
-        blocks = [_prepare(queries, rows, solver, rank, param.device, dtype) for rows in group]
+        blocks = [
+            _prepare(sets[key], rows, solver, rank, param.device, dtype) for key, rows in group
+        ]
         desc = "token scores" if tokens else "scores"
         desc += f" {k + 1}/{len(groups)}" if len(groups) > 1 else ""
-        chunks = []
+        chunks: list[list[torch.Tensor]] = [[] for _ in blocks]
         for cap in iter_captures(model, layers, train_batches, progress=progress, desc=desc):
-            per, total = [], None
+            per: list[list[torch.Tensor]] = [[] for _ in blocks]
+            total: list = [None] * len(blocks)
+            square = None
             for name in layers:
                 a, g = cap.a[name].to(dtype), cap.g[name].to(dtype)  # (B, T, d_in'), (B, T, d_out)
                 with torch.autocast(a.device.type, enabled=False):  # the dtype rule, always
-                    x = torch.cat([contract(a, g, block[name]) for block in blocks])  # (q, B[, T])
-                if per_layer:
-                    per.append(x)
-                else:
-                    total = x if total is None else total.add_(x)
-            chunks.append((torch.stack(per) if per_layer else total).cpu())
-        block = _join(chunks, tokens)
-        if len(groups) == 1:
-            return block
-        if out is None:  # filled in place: no second copy of the result
-            shape = list(block.shape)
-            shape[query_dim] = n_queries
-            out = block.new_zeros(shape)
-        start = group[0].start
-        out.narrow(query_dim, start, group[-1].stop - start).copy_(block)
-    return out
+                    grads = grads_from_pairs(a, g) if dense_pairs or (norms and k == 0) else None
+                    for j, block in enumerate(blocks):
+                        if dense_pairs:  # (q, B)
+                            x = pair_dots(block[name], grads)
+                        else:  # (q, B[, T])
+                            x = contract(a, g, block[name])
+                        if per_layer:
+                            per[j].append(x)
+                        else:
+                            total[j] = x if total[j] is None else total[j].add_(x)
+                    if grads is not None and norms and k == 0:
+                        layer_sq = grads.pow(2).sum(dim=(1, 2))
+                        square = layer_sq if square is None else square.add_(layer_sq)
+            for j in range(len(blocks)):
+                chunks[j].append((torch.stack(per[j]) if per_layer else total[j]).cpu())
+            if square is not None:
+                norm_chunks.append(square.sqrt().cpu())
+        for (key, rows), parts in zip(group, chunks, strict=True):
+            block = _join(parts, tokens)
+            if rows.start == 0 and rows.stop == counts[key]:  # the whole set: no copy
+                out[key] = block
+                continue
+            if key not in out:  # filled in place: no second copy of the result
+                shape = list(block.shape)
+                shape[query_dim] = counts[key]
+                out[key] = block.new_zeros(shape)
+            out[key].narrow(query_dim, rows.start, rows.stop - rows.start).copy_(block)
+    result = out if several else out[None]
+    return (result, torch.cat(norm_chunks)) if norms else result
 
 
 def pairwise_scores(
     model: nn.Module,
     train_batches: Batches,
-    queries: LayerGrads,
+    queries: LayerGrads | Mapping[str, LayerGrads],
     *,
     solver: Solver | None = None,
     rank: int | None = None,
     per_layer: bool = False,
     query_batch_size: int | None = None,
+    norms: bool = False,
     progress: bool = True,
-) -> torch.Tensor:
+):
     """Scores of every (query, training sequence) pair: (Q, N), float32 or float64.
 
     queries: query gradients {name: (Q, d_out, d_in')} (e.g. ``collect_grads``); their layers
-    are the ones scored. rank: compress the preconditioned queries to rank r per layer.
+    are the ones scored. Or several query sets {set: {name: (Q_s, d_out, d_in')}} with the same
+    layers (e.g. the same queries preconditioned by different solvers): they are contracted in
+    one pass over the training data, each per-example gradient formed once for all of them,
+    and the result is {set: (Q_s, N)}.
+    rank: compress the preconditioned queries to rank r per layer.
     per_layer: return (L, Q, N), layers in the order of ``queries``, summing to the total.
     query_batch_size: score the queries this many at a time (bounded memory; see the module
     docstring); None: all at once. With it (and no rank), ``train_batches`` must give the same
     batches at every pass (a list, an unshuffled DataLoader).
+    norms: also return the (N,) norms |grad L(z)| of the training sequences' gradients over the
+    scored layers, from the same pass: ``(scores, norms)`` (gradient cosines without a second
+    pass).
     """
     return _scores(
-        model, train_batches, queries, solver, rank, query_batch_size, per_layer, False, progress
-    )
+        model, train_batches, queries, solver, rank, query_batch_size, per_layer, False, progress,
+        norms,
+    )  # fmt: skip
 
 
 def token_scores(

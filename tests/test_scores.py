@@ -147,3 +147,49 @@ def test_errors(gpt2, llama):
         pairwise_scores(gpt2, [train()], q, progress=False)
     with pytest.raises(ValueError, match="rank"):
         compress(q, 0)
+
+
+class CountingBatches(list):
+    """A list of batches that counts the passes over it."""
+
+    passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return super().__iter__()
+
+
+def test_several_query_sets_in_one_pass_equal_separate_calls(gpt2):
+    # The same queries preconditioned two ways, and a third set of other size: one call with
+    # the sets gives each set's own scores exactly, from a single pass over the training data.
+    layers = find_layers(gpt2)
+    ekfac = fit_ekfac(gpt2, [train()], layers=layers, fisher="empirical", progress=False)
+    q = collect_grads(gpt2, [queries()], layers=layers, progress=False)
+    sets = {"ekfac": ekfac.ihvp(q), "dot": dict(q), "first": {n: x[:1] for n, x in q.items()}}
+    batches = CountingBatches(split_batch(train(), 2))
+    got, norms = pairwise_scores(gpt2, batches, sets, norms=True, progress=False)
+    assert batches.passes == 1
+    for name, pre in sets.items():
+        alone = pairwise_scores(gpt2, split_batch(train(), 2), pre, progress=False)
+        assert got[name].shape == alone.shape
+        assert torch.equal(got[name], alone)
+    # norms: |grad L(z)| of each training sequence over the tracked layers (autograd oracle)
+    t = train()
+    oracle = torch.stack([flat_autograd_grad(gpt2, layers, unpad(t, i)).norm() for i in range(6)])
+    assert_rel(norms, oracle)
+    # query batches: one pass per batch of each set, the same scores
+    batches = CountingBatches(split_batch(train(), 2))
+    batched = pairwise_scores(gpt2, batches, sets, query_batch_size=1, progress=False)
+    assert batches.passes == 2 + 2 + 1
+    for name in sets:
+        assert_rel(batched[name], got[name])
+
+
+def test_query_set_errors(gpt2):
+    layers = find_layers(gpt2)
+    q = collect_grads(gpt2, [queries()], layers=layers, progress=False)
+    first = next(iter(q))
+    with pytest.raises(ValueError, match="layers"):  # sets over different layers
+        pairwise_scores(gpt2, [train()], {"a": dict(q), "b": {first: q[first]}}, progress=False)
+    with pytest.raises(ValueError, match="mix layers and query sets"):
+        pairwise_scores(gpt2, [train()], {first: q[first], "b": dict(q)}, progress=False)
