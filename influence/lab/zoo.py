@@ -44,6 +44,7 @@ from influence.lab.config import CACHE_DIR, pick
 from influence.lab.tasks import task_examples  # also zoo.task_examples, as notebooks call it
 from influence.lab.tokenizer import _rel, collate, encode, texts_hash, tokenizer_hash
 from influence.lm import IGNORE, token_losses
+from influence.models import load_tokenizer  # noqa: F401  (zoo.load_tokenizer: one loader)
 
 CACHE = CACHE_DIR / "zoo"
 ARCHS = ("gpt2", "llama")
@@ -433,11 +434,6 @@ def load_model(path: Path, trainable: str | None = None):
         if not any(param.requires_grad for param in model.parameters()):
             raise ValueError(f"trainable={trainable!r} matches no parameter of {_rel(path)}")
     return model.eval()
-
-
-def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
-    """The tokenizer saved with the model at `path`."""
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def checkpoints(path: Path) -> list[int]:
