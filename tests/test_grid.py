@@ -61,3 +61,29 @@ def test_results_are_json_and_figures_draw(run):
     assert len(fig.axes) == len(grid.METRICS)
     fig = grid.plot_sweep(g)
     assert fig.axes[0].get_lines()
+
+
+def test_findings_are_read_from_the_results(run, capsys):
+    g, table = run
+    changes = grid.print_tuning(g)
+    assert "tuned on the queries" in capsys.readouterr().out
+    both = grid.loss_on_all(g, table, TASK)
+    assert set(both) == {"response", "all"} and both["response"] is table[TASK]["lora"]
+    lissa, agreement = g.lissa(), g.agreement()
+    text = grid.findings(g, table, changes, lissa, agreement, both, TASK)
+    cov = table[TASK]["lora"]["RepSim"]["coverage"]["mean"]
+    assert f"coverage RepSim {cov:.2f}" in text
+    # A planted outcome: RepSim far ahead on coverage in the only column -> RepSim wins it.
+    planted = json.loads(json.dumps(table))
+    planted[TASK]["lora"]["RepSim"]["coverage"]["mean"] = 2.0
+    text = grid.findings(g, planted, changes, lissa, agreement, both, TASK)
+    assert "**By coverage**, over the 1 (task, mode) columns: RepSim wins 1" in text
+    assert "coverage RepSim 2.00" in text
+
+
+def test_value_range():
+    from influence.lab.notebook import value_range
+
+    assert value_range([0.123, 0.456]) == "0.12-0.46"
+    assert value_range([0.1201, 0.1249]) == "0.12"  # both ends print alike
+    assert value_range((3.0, 12.0), ".0f") == "3-12"

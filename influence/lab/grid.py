@@ -19,7 +19,7 @@ import pandas as pd
 
 from influence.damping import FACTOR
 from influence.lab import attribution, benchmark
-from influence.lab.notebook import figure
+from influence.lab.notebook import figure, value_range
 
 METRICS = ("accuracy", "coverage", "auc")
 TIE = 0.05  # a winner by less than this (absolute, on the metric's mean) is a tie
@@ -255,6 +255,99 @@ def results(grid: Grid, table: dict, **extra) -> dict:
         "norm_outliers": grid.outliers().to_dict("records"),
         **extra,
     }
+
+
+def print_tuning(grid: Grid) -> pd.DataFrame:
+    """Print each damped method's best value over the sweep at its factor beside its value at
+    the fixed rule (first seed, tuned on the scored queries), then the winner per (task, mode)
+    and metric at the fixed rule and with every damped method tuned; returns
+    ``grid.tuning_changes()``."""
+    tuned = grid.tuned()
+    rows = [dict(task=t, mode=m, method=k, metric=metric, **v)
+            for t in tuned for m in tuned[t] for k in tuned[t][m]
+            for metric, v in tuned[t][m][k].items()]  # fmt: skip
+    frame = pd.DataFrame(rows).assign(
+        cell=lambda d: [f"{r.value:.2f} at {r.factor:g} (fixed {r.fixed:.2f})" for r in d.itertuples()]
+    )  # fmt: skip
+    print(f"best value at factor (value at the fixed rule {FACTOR:g}), first seed, tuned on the queries:")  # fmt: skip
+    print(frame.pivot(index=["task", "mode", "method"], columns="metric", values="cell")
+          .loc[:, list(METRICS)].to_string())  # fmt: skip
+    changes = grid.tuning_changes()
+    print("\nwinner at the fixed rule -> with every damped method tuned (first seed):")
+    print(changes.pivot_table(index=["task", "mode"], columns="metric", values=["fixed", "tuned"],
+                              aggfunc="first", sort=False).to_string())  # fmt: skip
+    return changes
+
+
+def loss_on_all(grid: Grid, table: dict, task: str) -> dict:
+    """Paper B's variant on ``task`` (LoRA): the same seeds and sizes with the loss over prompt
+    and response. Prints both tables and the first seed's training-gradient norms (median,
+    max / median); returns {"response": table, "all": table} for that column."""
+    g_all = Grid([task], ["lora"], grid.seeds, grid.profile, grid.query_classes, grid.n_query,
+                 grid.sizes, loss_on="all").run()  # fmt: skip
+    both = {"response": table[task]["lora"], "all": g_all.table()[task]["lora"]}
+    print_table({f"{task} LoRA": both}, title=": loss on the response vs on all tokens")
+    for key, runs in (("response", grid.runs[task, "lora"]), ("all", g_all.runs[task, "lora"])):
+        v = runs[0].train_grad_norms
+        print(
+            f"loss on {key}: training gradient norm median {np.median(v):.3g}, "
+            f"max / median {v.max() / np.median(v):.1f}"
+        )
+    return both
+
+
+def print_outliers(grid: Grid) -> None:
+    """``Grid.outliers``' three measures, methods x (task, mode), means over seeds."""
+    outliers = grid.outliers()
+    for col in ["top1_share", "top1_norm_pct", "norm_corr"]:
+        print(f"--- {col} (mean over seeds)")
+        print(outliers.pivot_table(index="method", columns=["task", "mode"], values=col, sort=False)
+              .round(2).to_string())  # fmt: skip
+
+
+def findings(grid: Grid, table: dict, changes: pd.DataFrame, lissa: pd.DataFrame,
+             agreement: pd.DataFrame, loss_all: dict, all_task: str) -> str:  # fmt: skip
+    """The findings of 03-05 as Markdown bullets, every number from the results: winners per
+    metric over the columns and where the metrics disagree, each column's coverage and AUC
+    against chance, what tuning the damping changes (``changes``), LiSSA's residual
+    (``lissa``), as-published LiSSA against the gradient dot product (``agreement``), and the
+    loss-over-all-tokens variant (``loss_all`` from :func:`loss_on_all`)."""
+    wins = winners(table)
+    agree = wins[wins.nunique(axis=1) == 1]
+    cols = [(t, m) for t in grid.tasks for m in grid.modes]
+    lines = []
+    for metric in METRICS:
+        counts = wins[metric].value_counts()
+        lines.append(f"- **By {metric.replace('auc', 'AUC')}**, over the {len(cols)} (task, mode) columns: RepSim wins "
+                     f"{counts.get('RepSim', 0)}, influence wins {counts.get('influence', 0)}, "
+                     f"tie {counts.get('tie', 0)}.")  # fmt: skip
+    lines.append(f"- The three metrics name the same winner in {len(agree)} of {len(cols)} columns"
+                 + ("." if len(agree) == len(cols) else ", not in: "
+                    + ", ".join(f"{t} {m}" for t, m in wins.index.difference(agree.index)) + "."))  # fmt: skip
+    methods = benchmark.METHODS
+    for t, m in cols:
+        cov = {k: table[t][m][k]["coverage"]["mean"] for k in methods}
+        auc = {k: table[t][m][k]["auc"]["mean"] for k in methods}
+        best = max(benchmark.INFLUENCE, key=cov.get)
+        lines.append(f"- {t} {m}: coverage RepSim {cov['RepSim']:.2f}, best influence {best} "
+                     f"{cov[best]:.2f}, gradient dot {cov['Gradient dot']:.2f}, MC Fisher "
+                     f"{cov['MC Fisher']:.2f} (chance {grid.levels(t)['chance']:.2f}); AUC RepSim "
+                     f"{auc['RepSim']:.2f}, {best} {auc[best]:.2f}.")  # fmt: skip
+    moved = changes[changes.fixed != changes.tuned]
+    lines.append(f"- Tuning every damped method's damping on the scored queries changes the winner in "
+                 f"{len(moved)} of {len(changes)} (column, metric) cases"
+                 + ("." if moved.empty else ": " + "; ".join(
+                     f"{r.task} {r.mode} {r.metric} {r.fixed} -> {r.tuned}" for r in moved.itertuples()) + "."))  # fmt: skip
+    lines.append(f"- Correct LiSSA after {grid.sizes['lissa_depth']} steps keeps a relative residual of "
+                 f"{value_range(lissa.residual)} on its own curvature; a residual of 1e-6 would take "
+                 f"{lissa.steps_to_1e6.min():.1e}-{lissa.steps_to_1e6.max():.1e} steps.")  # fmt: skip
+    lines.append(f"- LiSSA as published / gradient dot: median ratio {value_range(agreement['published / dot'])}, "
+                 f"Spearman with gradient dot {value_range(agreement['rho(LiSSA as published, dot)'])}.")  # fmt: skip
+    drop = {k: loss_all["response"][k]["coverage"]["mean"] - loss_all["all"][k]["coverage"]["mean"]
+            for k in methods}  # fmt: skip
+    lines.append(f"- Loss over prompt and response ({all_task}, LoRA): coverage change "
+                 + ", ".join(f"{k} {-drop[k]:+.2f}" for k in benchmark.INFLUENCE + ("RepSim",)) + ".")  # fmt: skip
+    return "\n".join(lines)
 
 
 # ---- figures ------------------------------------------------------------------------------

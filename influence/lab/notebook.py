@@ -105,3 +105,11 @@ def write_results(notebook: str, results: dict[str, Any], profile: str, paramete
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def value_range(values, spec: str = ".2f") -> str:
+    """The range of ``values`` as "lo-hi", formatted with ``spec``, or one value when both ends
+    print alike (for findings printed from results)."""
+    values = list(values)
+    lo, hi = f"{min(values):{spec}}", f"{max(values):{spec}}"
+    return lo if lo == hi else f"{lo}-{hi}"
