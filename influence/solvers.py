@@ -205,7 +205,10 @@ class LowRank:
         if not all(torch.isfinite(part).all() for part in self.u.split(64)):  # no n x P temporary
             raise ValueError("rows hold NaN or inf: check the gradients")
         self.lam = self._checked(self.damping)
-        self._basis: tuple | None = None  # (profile, s, w): U diag(profile)^-1 U^T = W S W^T
+        # {profile shape: (profile, s, w)} with U diag(profile)^-1 U^T = W S W^T, shared by
+        # every copy (``with_damping``): one eigendecomposition per shape of the damping
+        # across layers (a rule's profile, a uniform absolute damping), reused by its multiples.
+        self._bases: dict[tuple, tuple] = {}
         self._spectrum: torch.Tensor | None = None
 
     def _checked(self, damping: Damping) -> dict[str, float]:
@@ -225,18 +228,20 @@ class LowRank:
         s, w = torch.linalg.eigh(gram)
         return s.clamp(min=0), w
 
+    def _shape(self) -> tuple:
+        """The damping's profile across layers up to a factor (its multiples share a basis)."""
+        first = self.lam[next(iter(self.lam))]
+        return tuple(round(v / first, 12) for v in self.lam.values())
+
     def _eig(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenpairs of U D^-1 U^T for this damping, reusing the profile's when D is a
-        multiple of it."""
+        """Eigenpairs of U D^-1 U^T for this damping, reusing those of a profile of which D is
+        a multiple."""
+        key = self._shape()
+        if key not in self._bases:
+            self._bases[key] = (dict(self.lam), *self._gram(self.lam))
+        profile, s, w = self._bases[key]
         first = next(iter(self.lam))
-        if self._basis is not None:
-            profile, s, w = self._basis
-            c = self.lam[first] / profile[first]
-            if all(math.isclose(self.lam[k], c * profile[k], rel_tol=1e-12) for k in profile):
-                return s / c, w
-        s, w = self._gram(self.lam)
-        self._basis = (dict(self.lam), s, w)
-        return s, w
+        return s / (self.lam[first] / profile[first]), w
 
     @property
     def eigenvalues(self) -> torch.Tensor:
@@ -248,12 +253,9 @@ class LowRank:
 
     def with_damping(self, damping: Damping) -> LowRank:
         """The same matrix with another damping (no new eigendecomposition for a multiple of
-        the current per-layer profile)."""
-        out = copy.copy(self)
+        a per-layer profile already used by this matrix or a copy of it)."""
+        out = copy.copy(self)  # shares u and the eigendecompositions (self._bases)
         out.damping, out.lam = damping, self._checked(damping)
-        if self._basis is None:
-            self._basis = (dict(self.lam), *self._gram(self.lam))
-        out._basis = self._basis
         return out
 
     def ihvp(self, v: LayerGrads) -> LayerGrads:

@@ -347,7 +347,13 @@ def test_low_rank_is_the_exact_inverse_of_the_empirical_fisher(problem):
         lam = {n: c * x for n, x in per_layer.items()}
         expected = solve(fisher, damping_vector(lam, ggn.shapes), v, ggn.shapes)
         assert rel_err(solver.with_damping(lam).ihvp(v), expected) < 1e-9
-    assert solver.with_damping({n: 2 * x for n, x in per_layer.items()})._basis is solver._basis
+    assert len(solver._bases) == 1  # three multiples of one profile: one eigendecomposition
+    # A uniform damping on the same matrix (a sweep in absolute terms): one more profile, shared
+    # by every copy, and still the exact inverse.
+    for c in (1e-3, 1.0):
+        expected = solve(fisher, torch.full((p,), c, dtype=torch.float64), v, ggn.shapes)
+        assert rel_err(solver.with_damping(c).ihvp(v), expected) < 1e-9
+    assert len(solver._bases) == 2
     with pytest.raises(ValueError, match="finite damping > 0"):
         LowRank(grads, {n: 0.0 for n in grads})
     with pytest.raises(ValueError, match="no value for layers"):
