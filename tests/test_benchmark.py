@@ -135,3 +135,30 @@ def test_select_queries_balances_and_drops_unknown_classes():
     chosen = benchmark.select_queries(test, ["a", "b"], n_query=4)
     assert [ex["label"] for ex in chosen] == ["a", "b", "a", "b"]
     assert all(ex["label"] != "z" for ex in benchmark.select_queries(test, ["a", "b"], None))
+
+
+def test_absolute_damping_is_one_value_on_every_layer(result):
+    # Notebook 06 sweeps one absolute damping x I for every method: the Monte-Carlo Fisher's
+    # exact inverse at x I is the dense solve, and the rule's factor is then ignored.
+    out, cache = result
+    path = benchmark.model_path(TASK, "lora", 0, "smoke", cache=cache)
+    model, tok, layers = benchmark.load(path, "lora")
+    train = load_task(TASK, "train")
+    queries = [ex for ex in load_task(TASK, "test") if ex["id"] in out.info["queries"]]
+    prep = benchmark.prepare(model, tok, layers, train, queries, curv_examples=4, fit_examples=8,
+                             lissa_depth=2, methods=("MC Fisher", "EK-FAC"))  # fmt: skip
+    x = 0.37 * float(np.mean(list(prep.reference.values())))
+    assert prep.damping(0.1, absolute=x) == dict.fromkeys(prep.reference, x)
+    u, t = prep.fisher.u, prep.train_flat.double()  # sampled-label rows (n, P), training grads
+    q = flatten(prep.query_g).double()
+    fisher = u.T @ u / len(u)
+    eye = torch.eye(len(fisher), dtype=torch.float64)
+    expected = (torch.linalg.solve(fisher + x * eye, q.T).T @ t.T).numpy()
+    got = benchmark.method_scores(prep, "MC Fisher", absolute=x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * abs(expected).max())
+    rule = benchmark.method_scores(prep, "MC Fisher")  # the per-layer rule: other scores
+    assert not np.allclose(rule, got, rtol=1e-2)
+    ekfac = benchmark.method_scores(prep, "EK-FAC", absolute=x)
+    np.testing.assert_array_equal(ekfac, benchmark.method_scores(prep, "EK-FAC", 5.0, absolute=x))
+    damped = prep.ekfac.with_damping(dict.fromkeys(prep.reference, x))
+    np.testing.assert_array_equal(ekfac, prep.score(damped.ihvp(prep.query_g)))

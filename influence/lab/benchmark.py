@@ -169,9 +169,10 @@ class Prepared:
     seed: int
     fixed: dict[str, np.ndarray] = field(default_factory=dict)  # undamped methods' scores
 
-    def damping(self, factor: float) -> dict[str, float]:
-        """{layer: lambda_l} of the shared rule at ``factor`` (``influence.damping``)."""
-        return rule(self.reference, factor)
+    def damping(self, factor: float, absolute: float | None = None) -> dict[str, float]:
+        """{layer: lambda_l} of the shared rule at ``factor``, or ``absolute`` on every layer
+        (``influence.damping``)."""
+        return rule(self.reference, factor, absolute=absolute)
 
     def score(self, pre: LayerGrads) -> np.ndarray:
         """(Q, N) = preconditioned queries . training gradients: a float32 contraction (no
@@ -242,24 +243,27 @@ def with_queries(prep: Prepared, query_g: LayerGrads) -> Prepared:
     return new
 
 
-def lissa(prep: Prepared, factor: float) -> solvers.LiSSA:
+def lissa(prep: Prepared, factor: float, absolute: float | None = None) -> solvers.LiSSA:
     """LiSSA at the shared damping, scale 1.1 x the largest minibatch eigenvalue + the largest
     damping (so every step's I - A_j / s is a contraction)."""
-    lam = prep.damping(factor)
+    lam = prep.damping(factor, absolute)
     scale = 1.1 * prep.lissa_top + max(lam.values())
     return solvers.LiSSA(prep.ggn, damping=lam, scale=scale, depth=prep.lissa_depth, seed=prep.seed)
 
 
-def method_scores(prep: Prepared, method: str, factor: float = FACTOR) -> np.ndarray:
-    """(Q, N) scores of ``method`` at the shared damping rule with ``factor`` (ignored by the
-    methods without damping: RepSim, gradient cosine and dot, LiSSA as published)."""
+def method_scores(
+    prep: Prepared, method: str, factor: float = FACTOR, *, absolute: float | None = None
+) -> np.ndarray:
+    """(Q, N) scores of ``method`` at the shared damping rule with ``factor``, or at the same
+    ``absolute`` damping on every layer (both ignored by the methods without damping: RepSim,
+    gradient cosine and dot, LiSSA as published)."""
     if method in prep.fixed:
         return prep.fixed[method]
-    lam, q = prep.damping(factor), prep.query_g
+    lam, q = prep.damping(factor, absolute), prep.query_g
     if method == "DataInf":
         return prep.score(solvers.DataInf(prep.train_g, damping=lam).ihvp(q))
     if method == "LiSSA":
-        return prep.score(lissa(prep, factor).ihvp(q))
+        return prep.score(lissa(prep, factor, absolute).ihvp(q))
     if method == "EK-FAC":
         return prep.score(prep.ekfac.with_damping(lam).ihvp(q))
     if method == "MC Fisher":
