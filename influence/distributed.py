@@ -185,6 +185,11 @@ def pairwise_scores(
 ) -> torch.Tensor:
     """``influence.pairwise_scores`` with the training batches shared by the processes: the
     same (Q, N) ((L, Q, N) with ``per_layer``) matrix on every process."""
+    if scores._query_sets(queries)[1]:
+        raise ValueError(
+            "distributed.pairwise_scores takes one query set {layer: (Q, d_out, d_in')}; "
+            "call it once per set"
+        )
     show = progress and rank_and_world()[0] == 0
 
     def score(mine: list) -> torch.Tensor:

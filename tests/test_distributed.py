@@ -209,6 +209,8 @@ def test_without_a_process_group_is_single_process(ref):
     queries = query_grads(model)
     scores = distributed.pairwise_scores(model, batches, queries, solver=ekfac, progress=False)
     assert torch.equal(scores, ref["scores"])
+    with pytest.raises(ValueError, match="one query set"):  # sets: only the one-process API
+        distributed.pairwise_scores(model, batches, {"a": dict(queries)}, progress=False)
 
 
 if __name__ == "__main__":
