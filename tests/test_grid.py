@@ -1,5 +1,6 @@
 """Notebooks 03-05's pipeline (influence.lab.grid) on a smoke-size zoo."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -59,6 +60,14 @@ def test_results_are_json_and_figures_draw(run):
     assert out["lissa"][0]["residual"] > 0
     fig = grid.plot_metrics(g, table)
     assert len(fig.axes) == len(grid.METRICS)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    ceiling = ["ceiling"] if g.levels(TASK)["ceiling"] < 1 else []
+    assert sorted(legend) == sorted([*benchmark.METHODS, "chance", *ceiling])  # each once
+    # A coverage ceiling below 1 (drawn in the coverage row only) is in the legend too.
+    planted = dataclasses.replace(g)
+    planted.levels = lambda task: {"chance": 0.2, "auc_chance": 0.5, "ceiling": 0.6}
+    legend = [t.get_text() for t in grid.plot_metrics(planted, table).legends[0].get_texts()]
+    assert sorted(legend) == sorted([*benchmark.METHODS, "chance", "ceiling"])
     fig = grid.plot_sweep(g)
     assert fig.axes[0].get_lines()
 

@@ -387,8 +387,10 @@ def plot_metrics(grid: Grid, table: dict, methods: Sequence[str] = benchmark.MET
                 ax.set_ylabel(metric)
             if row == 0:
                 ax.set_title(f"{'LoRA' if mode == 'lora' else 'full'} fine-tuning", fontsize=10)
-    handles, labels = axes[-1, 0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
+    unique = {}  # every panel's entries once: the ceiling is drawn in the coverage row only
+    for ax in axes.flat:
+        handles, labels = ax.get_legend_handles_labels()
+        unique |= {k: h for k, h in zip(labels, handles, strict=True) if k not in unique}
     fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncol=5, fontsize=7)
     return fig
 
