@@ -63,10 +63,13 @@ def test_results_are_json_and_figures_draw(run):
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     ceiling = ["ceiling"] if g.levels(TASK)["ceiling"] < 1 else []
     assert sorted(legend) == sorted([*benchmark.METHODS, "chance", *ceiling])  # each once
-    # A coverage ceiling below 1 (drawn in the coverage row only) is in the legend too.
-    planted = dataclasses.replace(g)
-    planted.levels = lambda task: {"chance": 0.2, "auc_chance": 0.5, "ceiling": 0.6}
-    legend = [t.get_text() for t in grid.plot_metrics(planted, table).legends[0].get_texts()]
+    # A coverage ceiling below 1 (drawn in the coverage row only, here for the second task
+    # only) is in the legend too, once.
+    planted = dataclasses.replace(g, tasks=["a", "b"])
+    planted.levels = lambda task: {"chance": 0.2, "auc_chance": 0.5,
+                                   "ceiling": 1.0 if task == "a" else 0.6}  # fmt: skip
+    two = {"a": table[TASK], "b": table[TASK]}
+    legend = [t.get_text() for t in grid.plot_metrics(planted, two).legends[0].get_texts()]
     assert sorted(legend) == sorted([*benchmark.METHODS, "chance", "ceiling"])
     fig = grid.plot_sweep(g)
     assert fig.axes[0].get_lines()

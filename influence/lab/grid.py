@@ -376,10 +376,10 @@ def plot_metrics(grid: Grid, table: dict, methods: Sequence[str] = benchmark.MET
                 lv = grid.levels(task)
                 chance = lv["auc_chance"] if metric == "auc" else lv["chance"]
                 ax.hlines(chance, i - 0.45, i + 0.45, colors="k", linestyles=":", lw=1,
-                          label="chance" if i == 0 else None)  # fmt: skip
+                          label="chance")  # fmt: skip
                 if metric == "coverage" and lv["ceiling"] < 1:
                     ax.hlines(lv["ceiling"], i - 0.45, i + 0.45, colors="k", linestyles="--",
-                              lw=1, label="ceiling" if i == 0 else None)  # fmt: skip
+                              lw=1, label="ceiling")  # the legend keeps one of each  # fmt: skip
             ax.set_ylim(0, 1.05)
             ax.set_xticks(range(len(grid.tasks)), [t.replace("_", " ") for t in grid.tasks],
                           fontsize=7, rotation=20, ha="right")  # fmt: skip
