@@ -179,10 +179,6 @@ def _prepare(queries, rows, solver, rank, device, dtype) -> dict[str, Block]:
     return pre if rank is None else compress(pre, rank)
 
 
-def _pair_dense(a: torch.Tensor, g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    return pair_dots(p, grads_from_pairs(a, g))
-
-
 def _token_low(a: torch.Tensor, g: torch.Tensor, p: tuple) -> torch.Tensor:
     left, right = p  # (q, d_out, r), (q, d_in', r)
     gu = torch.einsum("bto,qor->qbtr", g, left)
@@ -256,6 +252,9 @@ def _scores(
     param = next(model.parameters())
     dtype = torch.promote_types(param.dtype, torch.float32)
     counts = {key: next(iter(q.values())).shape[0] for key, q in sets.items()}
+    empty = [key for key, n in counts.items() if n == 0]
+    if empty:
+        raise ValueError(f"query sets {empty} hold no query" if several else "no query to score")
     units = [  # (set, rows): the blocks of queries preconditioned together
         (key, slice(i, min(i + (query_batch_size or n), n)))
         for key, n in counts.items()
@@ -263,11 +262,10 @@ def _scores(
     ]
     # dense: every set in one pass, or one pass per query batch; low rank: all compressed, one pass
     groups = [units] if rank is not None or query_batch_size is None else [[u] for u in units]
-    if tokens:
-        contract: Contract = _token_dense if rank is None else _token_low
-    else:
-        contract = _pair_dense if rank is None else _pair_low
-    dense_pairs = rank is None and not tokens  # one per-example gradient per layer serves all
+    # Dense pairwise scores contract each set with one per-example gradient per layer
+    # (``pair_dots``); per-token and low-rank scores contract the pairs (a, g) directly.
+    dense_pairs = rank is None and not tokens
+    contract: Contract = (_token_dense if rank is None else _token_low) if tokens else _pair_low
     query_dim = 1 if per_layer else 0
     out: dict = {}
     norm_chunks: list[torch.Tensor] = []

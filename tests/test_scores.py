@@ -193,3 +193,6 @@ def test_query_set_errors(gpt2):
         pairwise_scores(gpt2, [train()], {"a": dict(q), "b": {first: q[first]}}, progress=False)
     with pytest.raises(ValueError, match="mix layers and query sets"):
         pairwise_scores(gpt2, [train()], {first: q[first], "b": dict(q)}, progress=False)
+    with pytest.raises(ValueError, match=r"\['none'\] hold no query"):
+        pairwise_scores(gpt2, [train()], {"a": dict(q), "none": {n: x[:0] for n, x in q.items()}},
+                        progress=False)  # fmt: skip
