@@ -144,10 +144,21 @@ def gradient_cosine_scores(
     dots, norms = pairwise_scores(
         model, listed(train_batches), queries, norms=True, progress=progress
     )
+    return cosines_from_dots(dots, queries, norms)
+
+
+def cosines_from_dots(dots: torch.Tensor, queries: LayerGrads, norms: torch.Tensor) -> torch.Tensor:
+    """(Q, N) float64 cosines from the dot products ``dots`` of the query gradients
+    ``queries`` ({layer: (Q, d_out, d_in')}) with N training gradients of norms ``norms``
+    (both from ``pairwise_scores(..., norms=True)``). The query norms are summed layer by layer
+    in float64, without a float64 copy of the queries; a zero vector has cosine 0."""
     tiny = torch.finfo(torch.float64).tiny
-    q_norms = flatten(queries).double().norm(dim=1).clamp_min(tiny)
-    cos = dots.double() / q_norms[:, None] / norms.double().clamp_min(tiny)[None]
-    return cos.clamp(-1.0, 1.0)  # rounding may leave |cos| a hair above 1
+    squares = sum(
+        torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float64) ** 2
+        for g in queries.values()
+    )
+    cos = dots.double() / squares.sqrt().clamp_min(tiny)[:, None]
+    return (cos / norms.double().clamp_min(tiny)[None]).clamp(-1.0, 1.0)  # rounding: |cos| > 1
 
 
 # ---- BM25 (paper A's lexical baseline) --------------------------------------------------
