@@ -6,10 +6,11 @@ parameters; its 28 ``nn.Linear`` layers are tracked, the embeddings and the LM h
 Fisher, damping 0.1 x the layer's mean eigenvalue, one torch thread for both libraries.
 
 Ours: ``fit_ekfac(model, batches, layers=layers, fisher="true")``, the query gradients
-(``collect_grads``), then ``pairwise_scores(model, train_batches, queries, solver=ekfac)``.
+preconditioned batch by batch (``collect_grads(..., precondition=ekfac)``), then
+``pairwise_scores(model, train_batches, preconditioned)``.
 kronfluence: ``Analyzer.fit_all_factors`` (strategy "ekfac") then
 ``Analyzer.compute_pairwise_scores`` (it writes its factors and scores to a temporary folder,
-as it always does).
+as it always does; it too keeps only the preconditioned query gradients).
 
 Matching. Both libraries compute, per query q and training sequence z,
 
@@ -462,11 +463,13 @@ def _ours(setting: Setting, scores_path: str | None) -> dict:
                 progress=False,
             )
         with clock() as score:
-            grads = collect_grads(model, batches=query_batches, layers=layers, progress=False)
+            pre = collect_grads(
+                model, batches=query_batches, layers=layers, precondition=ekfac, progress=False
+            )
             with clock() as pairwise:
-                scores = pairwise_scores(model, train_batches, grads, solver=ekfac, progress=False)
+                scores = pairwise_scores(model, train_batches, pre, progress=False)
     peak = peak_rss_mb()
-    del grads
+    del pre
     gc.collect()
     with clock() as bare:
         collect_grads(model, batches=train_batches, layers=layers, progress=False)
@@ -595,8 +598,10 @@ def _profile(setting: Setting, top: int = 5) -> dict:
         ekfac = fit_ekfac(
             model, train_batches, layers=layers, fisher="true", seed=setting.seed, progress=False
         )
-        grads = collect_grads(model, batches=query_batches, layers=layers, progress=False)
-        pairwise_scores(model, train_batches, grads, solver=ekfac, progress=False)
+        pre = collect_grads(
+            model, batches=query_batches, layers=layers, precondition=ekfac, progress=False
+        )
+        pairwise_scores(model, train_batches, pre, progress=False)
 
     profiler = cProfile.Profile(timer=time.process_time)
     profiler.runcall(fit_and_score)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from influence.io import weights_fingerprint
 from influence.lm import IGNORE, sequence_losses
 from influence.models import eval_mode, resolve_layers, vocab_size
 from influence.modules import Capture, LayerGrads, find_layers
+
+if TYPE_CHECKING:  # solvers imports this module (through ggn)
+    from influence.solvers import Solver
 
 FISHERS = ("empirical", "true")
 # measurement(logits (B, T, V), batch) -> (B,): the scalar m(q) of each query sequence
@@ -166,9 +169,10 @@ def grads_from_pairs(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     The sum over tokens runs in at least float32: bf16 / fp16 pairs are upcast first (the
     dtype rule of ``influence.scores``)."""
     dtype = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
-    # A caller's torch.autocast would recast the einsum to bf16: the rule holds under it too.
+    # A caller's torch.autocast would recast the product to bf16: the rule holds under it too.
+    # A batched matmul, not torch.einsum("bto,bti->boi"): 1.3-2x faster on CPU (torch 2.13).
     with torch.autocast(a.device.type, enabled=False):
-        return torch.einsum("bto,bti->boi", g.to(dtype), a.to(dtype))
+        return g.to(dtype).mT @ a.to(dtype)
 
 
 def per_example_grads(
@@ -252,14 +256,19 @@ class Gradients(dict):
     """Per-example gradients {layer: (N, d_out, d_in')} that remember where they were computed.
 
     fingerprint: ``io.weights_fingerprint`` of the model they were computed on (None: unknown);
-    shapes: {layer: (d_out, d_in')}. Scoring refuses gradients whose fingerprint is not the
-    scoring model's (``influence.scores``). ``dict(grads)`` is a plain dict without them: the
-    way to score on another model on purpose, as multi-stage influence does.
+    shapes: {layer: (d_out, d_in')}; preconditioned: the name of the solver whose ihvp they
+    already are (``collect_grads(precondition=)``), None for plain gradients. Scoring refuses
+    gradients whose fingerprint is not the scoring model's, and preconditioned ones with a
+    solver (``influence.scores``). ``dict(grads)`` is a plain dict without them: the way to
+    score on another model on purpose, as multi-stage influence does.
     """
 
-    def __init__(self, grads: LayerGrads, fingerprint: str | None = None):
+    def __init__(
+        self, grads: LayerGrads, fingerprint: str | None = None, preconditioned: str | None = None
+    ):
         super().__init__(grads)
         self.fingerprint = fingerprint
+        self.preconditioned = preconditioned
         self.shapes = {name: tuple(x.shape[1:]) for name, x in self.items()}
 
 
@@ -271,6 +280,7 @@ def collect_grads(
     fisher: str = "empirical",
     seed: int = 0,
     measurement: Measurement | None = None,
+    precondition: Solver | None = None,
     progress: bool = True,
 ) -> Gradients:
     """Per-example gradients of every sequence in ``batches``, concatenated: (N, d_out, d_in').
@@ -291,6 +301,13 @@ def collect_grads(
     ``iter_captures``), the gradients whose outer products average to the true Fisher (for
     curvature estimates; no measurement then).
 
+    ``precondition``: a solver (EK-FAC, ...): return its ihvp of the gradients, H^-1 grad m(q),
+    computed batch by batch, so that only one batch's plain gradients are ever held (half the
+    memory of collecting the queries and preconditioning them all at once). Score them with
+    ``pairwise_scores(..., solver=None)``; they are marked (``Gradients.preconditioned``) and
+    scoring refuses to precondition them a second time. The solver must have been fitted on
+    this model (``scores.check_solver``).
+
     Returns ``Gradients``, with the model's weights fingerprint. Dtype: (a, g) are captured in
     the model's dtype and summed over tokens in at least float32 (see ``influence.scores``).
     """
@@ -300,14 +317,32 @@ def collect_grads(
             "labels for the loss: use one or the other"
         )
     layers = layers if layers is not None else find_layers(model)
+    if precondition is not None:
+        from influence.scores import check_solver  # scores imports this module
+
+        check_solver(model, precondition)
     fingerprint = weights_fingerprint(model)
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     captures = iter_captures(
         model, layers, batches, fisher, seed, progress, "per-example grads", measurement=measurement
     )
     for cap in captures:
+        grads = {name: grads_from_pairs(cap.a[name], cap.g[name]) for name in layers}
+        del cap  # not alive while the next batch is captured
+        if precondition is not None:
+            grads = precondition.ihvp(grads)
         for name in layers:
-            chunks[name].append(grads_from_pairs(cap.a[name], cap.g[name]))
+            chunks[name].append(grads.pop(name))
     if not all(chunks.values()):
         raise ValueError("batches yielded no batch: nothing to collect gradients of")
-    return Gradients({name: torch.cat(parts) for name, parts in chunks.items()}, fingerprint)
+    # layer by layer, each layer's chunks freed once joined: one layer's copy at a time
+    joined = {name: _join(chunks.pop(name)) for name in layers}
+    used = type(precondition).__name__ if precondition is not None else None
+    return Gradients(joined, fingerprint, preconditioned=used)
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks of one layer as one tensor (no copy when there is one chunk); empties the list."""
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    parts.clear()
+    return out

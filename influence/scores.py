@@ -127,6 +127,13 @@ def _check_provenance(model: nn.Module, queries: LayerGrads, solver: Solver | No
                 "them against this model on purpose)"
             )
     check_solver(model, solver)
+    done = getattr(queries, "preconditioned", None)
+    if done is not None and solver is not None:
+        raise ValueError(
+            f"the query gradients are already preconditioned (by {done}, through "
+            "collect_grads(precondition=)): score them with solver=None, or collect plain "
+            "gradients to precondition them here"
+        )
     if isinstance(queries, Gradients):  # from collect_grads: a zero row counted no token
         zero = torch.stack([q.flatten(1).abs().amax(1) == 0 for q in queries.values()]).all(0)
         if bool(zero.any()):
@@ -300,6 +307,7 @@ def _scores(
                 chunks[j].append((torch.stack(per[j]) if per_layer else total[j]).cpu())
             if square is not None:
                 norm_chunks.append(square.sqrt().cpu())
+            del cap, grads, a, g  # not alive while the next batch is captured
         for (key, rows), parts in zip(group, chunks, strict=True):
             block = _join(parts, tokens)
             if rows.start == 0 and rows.stop == counts[key]:  # the whole set: no copy

@@ -196,3 +196,28 @@ def test_query_set_errors(gpt2):
     with pytest.raises(ValueError, match=r"\['none'\] hold no query"):
         pairwise_scores(gpt2, [train()], {"a": dict(q), "none": {n: x[:0] for n, x in q.items()}},
                         progress=False)  # fmt: skip
+
+
+def test_queries_preconditioned_batch_by_batch(gpt2, llama):
+    # collect_grads(precondition=) is the solver's ihvp of the gradients, computed batch by
+    # batch (three query batches here: the chunks are joined); scoring them with solver=None
+    # gives the scores of the plain gradients with the solver, and scoring them with a solver
+    # again (preconditioning twice) is refused.
+    layers = find_layers(gpt2)
+    ekfac = fit_ekfac(gpt2, [train()], layers=layers, fisher="empirical", progress=False)
+    query_batches = split_batch(make_batch([6, 9, 4, 7, 5], seed=2), 2)
+    plain = collect_grads(gpt2, query_batches, layers=layers, progress=False)
+    pre = collect_grads(gpt2, query_batches, layers=layers, precondition=ekfac, progress=False)
+    assert plain.preconditioned is None and pre.preconditioned == "EKFAC"
+    assert pre.fingerprint == plain.fingerprint
+    expected = ekfac.ihvp(plain)
+    assert list(pre) == list(expected)
+    for name in layers:
+        assert pre[name].shape == (5, *plain.shapes[name])
+        assert_rel(pre[name], expected[name])
+    scores = pairwise_scores(gpt2, [train()], pre, progress=False)
+    assert_rel(scores, pairwise_scores(gpt2, [train()], plain, solver=ekfac, progress=False))
+    with pytest.raises(ValueError, match=r"already preconditioned \(by EKFAC"):
+        pairwise_scores(gpt2, [train()], pre, solver=ekfac, progress=False)
+    with pytest.raises(ValueError, match="fitted on"):  # a solver of another model
+        collect_grads(llama, [queries()], precondition=ekfac, progress=False)
