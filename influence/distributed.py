@@ -102,6 +102,7 @@ def _fit(
     progress: bool = True,
     damping: float = 0.1,
     relative: bool = True,
+    product_dtype: torch.dtype = torch.float64,
 ):
     rank, world = rank_and_world()
     parallel = curvature.ALONE
@@ -123,6 +124,7 @@ def _fit(
         progress=progress and rank == 0,
         damping=damping,
         relative=relative,
+        product_dtype=product_dtype,
         shard=(rank, world),
         parallel=parallel,
     )

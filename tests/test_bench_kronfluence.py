@@ -135,7 +135,11 @@ def test_summary_takes_medians_ratios_and_verdicts():
         record("ours", {"fit": 3.0, "score": 1.0, "total": 4.0}, 500, **ours_only),
         record("kronfluence", {"fit": 8.0, "score": 2.0, "total": 10.0}, 600),
     ]
+    assert "f32_total_ratio" not in kb.summarise(runs)["ratios"]  # ours_f32 is optional
+    runs.append(record("ours_f32", {"fit": 2.0, "score": 1.0, "total": 3.0}, 450, **ours_only))
     result = kb.summarise(runs)
+    assert result["ratios"]["f32_total_ratio"] == pytest.approx(0.3)
+    assert result["ratios"]["f32_peak_rss_ratio"] == pytest.approx(450 / 600)
     assert result["medians"]["ours"]["total_s"] == 4.0
     assert result["ratios"]["total_ratio"] == pytest.approx(0.4)
     assert result["ratios"]["total_cpu_ratio"] == pytest.approx(0.4)
@@ -151,6 +155,8 @@ def test_summary_takes_medians_ratios_and_verdicts():
     row = "| fit + scores | 4.00 (4.00) | 10.00 (10.00) | 0.40 (0.40) | <= 0.5: met (met in CPU time) |"
     assert row in table
     assert "<= 1.5: missed (missed in CPU time)" in table
+    f32_row = "| ours with float32 products: fit / fit + scores | 2.00 (2.00) / 3.00 (3.00) |"
+    assert f32_row in table
     with pytest.raises(ValueError, match="kronfluence"):
         kb.summarise([r for r in runs if r["method"] == "ours"])
 

@@ -282,3 +282,29 @@ def test_true_fisher_ekfac_matches_exact_expectation():
     assert many < 0.1, many
     # 64x the draws: the noise should shrink ~8x; allow for the randomness of the estimate.
     assert many < few / 3, (few, many)
+
+
+def test_float32_products(llama, tmp_path):
+    # product_dtype=float32 runs each batch's products in float32 and sums them in float64.
+    # On a float32 model it agrees with the float64 products at float32 round-off; a float64
+    # model keeps float64 products (at least the model's dtype): the same factors bit for bit.
+    batches = split_batch(data(), 2)
+    exact = fit_ekfac(llama, batches, fisher="empirical", progress=False)
+    same = fit_ekfac(llama, batches, fisher="empirical", product_dtype=torch.float32,
+                     progress=False)  # fmt: skip
+    for name in exact.eigenvalues:
+        assert torch.equal(same.eigenvalues[name], exact.eigenvalues[name])
+    model32 = make_llama().float()
+    f64 = fit_ekfac(model32, batches, fisher="empirical", progress=False)
+    f32 = fit_ekfac(model32, batches, fisher="empirical", product_dtype=torch.float32,
+                    path=tmp_path, progress=False)  # fmt: skip
+    assert f32.meta["product_dtype"] == "float32" and f64.meta["product_dtype"] is None
+    v = random_v(f64)
+    for name, x in f32.ihvp(v).items():
+        assert f32.eigenvalues[name].dtype == torch.float64
+        assert_rel(x, f64.ihvp(v)[name], tol=1e-4)
+        assert not torch.equal(f32.eigenvalues[name], f64.eigenvalues[name])  # float32 ran
+    with pytest.raises(ValueError, match="product_dtype: saved 'float32', expected None"):
+        fit_ekfac(model32, batches, fisher="empirical", path=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="product_dtype must be"):
+        fit_ekfac(model32, batches, product_dtype=torch.bfloat16, progress=False)
