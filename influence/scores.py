@@ -37,6 +37,9 @@ resident memory during the call: 1,024 queries 26.5 MB, 16 queries 25.2 MB (+5 %
 over three runs) at b = 16, in 29.5 and 0.5 CPU s; 1,024 queries in one batch 716 MB
 (the preconditioned queries, 400 MB, and the EK-FAC solve's float64 temporaries) in 15 CPU s;
 rank 4 at b = 16, 53 MB (of which the factors of 1,024 queries, 34 MB) in 28 CPU s.
+When only the scores are wanted, ``collect_grads(..., precondition=solver)`` preconditions the
+queries batch by batch as it collects them (never holding all plain and preconditioned
+gradients at once); score those with ``solver=None``.
 ``per_layer=True`` returns (L, Q, N); otherwise the layers are summed batch by batch.
 
 Dtypes, the one rule. Per-example layer inputs and output gradients (a, g) are captured in the
@@ -390,8 +393,10 @@ def self_influence(
     chunks = []
     for cap in iter_captures(model, layers, batches, progress=progress, desc="self-influence"):
         grads = {n: grads_from_pairs(cap.a[n], cap.g[n]) for n in layers}  # (B, d_out, d_in')
+        del cap  # not alive while the next batch is captured
         pre = precondition(grads, solver)
         chunks.append(sum((pre[n] * grads[n]).sum(dim=(1, 2)) for n in layers).cpu())
+        del grads, pre
     return torch.cat(chunks)
 
 
