@@ -33,10 +33,10 @@ The trade-off is time (ceil(Q / b) gradient passes) against memory (Q P): b is f
 does not fit (1,024 queries of a model with 100 M tracked parameters: 400 GB in float32).
 ``benchmarks/memory_scaling.py`` (GPT-2, width 64, 2 blocks, P = 99 k, EK-FAC, 32 training
 sequences of 32 tokens in batches of 16, float32, one thread) measured the growth of the peak
-resident memory during the call: 1,024 queries 26.5 MB, 16 queries 25.2 MB (+5 %; +2 to +5 %
-over three runs) at b = 16, in 29.5 and 0.5 CPU s; 1,024 queries in one batch 716 MB
-(the preconditioned queries, 400 MB, and the EK-FAC solve's float64 temporaries) in 15 CPU s;
-rank 4 at b = 16, 53 MB (of which the factors of 1,024 queries, 34 MB) in 28 CPU s.
+resident memory during the call: 1,024 queries 21.4 MB, 16 queries 20.9 MB (+2 %; +2 to +5 %
+over four runs) at b = 16, in 16 and 0.2 CPU s; 1,024 queries in one batch 716 MB
+(the preconditioned queries, 400 MB, and the EK-FAC solve's float64 temporaries) in 9 CPU s;
+rank 4 at b = 16, 49 MB (of which the factors of 1,024 queries, 34 MB) in 18 CPU s.
 When only the scores are wanted, ``collect_grads(..., precondition=solver)`` preconditions the
 queries batch by batch as it collects them (never holding all plain and preconditioned
 gradients at once); score those with ``solver=None``.
