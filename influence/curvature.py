@@ -269,7 +269,7 @@ PRODUCT_DTYPES = (torch.float64, torch.float32)
 def _covariance_update(dtype: torch.dtype) -> Callable[[dict, Captured], None]:
     def update(state: dict, cap: Captured) -> None:
         mask = cap.mask
-        # A caller's autocast would run the products in bf16: off, as in gradients_from_pairs
+        # A caller's autocast would run the products in bf16: off, as in grads_from_pairs
         with torch.autocast(mask.device.type, enabled=False):
             for name in cap.a:
                 work = torch.promote_types(cap.a[name].dtype, dtype)
